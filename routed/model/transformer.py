@@ -1,0 +1,89 @@
+"""The decoder-only language model: embed, N pre-norm blocks, norm, logits.
+
+Shape letters: B batch, L sequence length, D d_model, V vocabulary (see layers.py).
+Block i (counting from 1) has an MoE FFN when moe.every > 0 and i % moe.every == 0
+(Switch: every other block); all other blocks have the dense MLP. moe.every = 0 gives
+a dense model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from routed.model.layers import MLP, Attention, RMSNorm, normal_param
+from routed.model.moe import MoELayer
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def moe_blocks(cfg) -> list[bool]:
+  """For each block, whether its FFN is an MoE layer."""
+  every = cfg.moe.every
+  return [every > 0 and (i + 1) % every == 0 for i in range(cfg.model.num_layers)]
+
+
+class Block(nnx.Module):
+  """x + attn(norm(x)), then x + ffn(norm(x)); ffn is an MLP or an MoELayer."""
+
+  def __init__(self, cfg, *, moe: bool, rngs: nnx.Rngs):
+    m = cfg.model
+    dtype, param_dtype = DTYPES[m.compute_dtype], DTYPES[m.param_dtype]
+    self.attn_norm = RMSNorm(m.d_model, param_dtype=param_dtype)
+    self.attn = Attention(m.d_model, m.num_heads, rope_base=m.rope_base, init_std=m.init_std,
+                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ffn_norm = RMSNorm(m.d_model, param_dtype=param_dtype)
+    ffn_args = dict(d_model=m.d_model, d_ff=m.d_ff, activation=m.activation,
+                    init_std=m.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ffn = MoELayer(cfg.moe, **ffn_args) if moe else MLP(**ffn_args)
+
+  def __call__(self, x, positions, *, train: bool, rng=None, token_ids=None):
+    x = x + self.attn(self.attn_norm(x), positions)
+    y, aux = self.ffn(self.ffn_norm(x), train=train, rng=rng, token_ids=token_ids)
+    return x + y, aux
+
+
+class Transformer(nnx.Module):
+  """tokens int [B, L] -> (logits float32 [B, L, V], aux).
+
+  aux = {'losses': {name: mean over MoE layers}, 'metrics': {f'layer{i}/{name}': value}}.
+  Losses are averaged (not summed) over MoE layers, so a loss weight means the same
+  whatever the depth.
+  """
+
+  def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs):
+    m = cfg.model
+    self.dtype = DTYPES[m.compute_dtype]
+    self.tie_embeddings = m.tie_embeddings
+    self.embed = normal_param(rngs, (vocab_size, m.d_model), m.init_std, DTYPES[m.param_dtype])
+    self.blocks = nnx.List([Block(cfg, moe=is_moe, rngs=rngs) for is_moe in moe_blocks(cfg)])
+    self.final_norm = RMSNorm(m.d_model, param_dtype=DTYPES[m.param_dtype])
+    if not m.tie_embeddings:
+      self.unembed = normal_param(rngs, (m.d_model, vocab_size), m.init_std,
+                                  DTYPES[m.param_dtype])
+
+  def __call__(self, tokens, *, train: bool = False, rng=None, positions=None):
+    b, l = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    losses, metrics = {}, {}
+    for i, block in enumerate(self.blocks):
+      block_rng = None if rng is None else jax.random.fold_in(rng, i)
+      x, aux = block(x, positions, train=train, rng=block_rng, token_ids=tokens)
+      for name, value in aux.get('losses', {}).items():
+        losses.setdefault(name, []).append(value)
+      for name, value in aux.get('metrics', {}).items():
+        metrics[f'layer{i}/{name}'] = value
+    x = self.final_norm(x)
+    if self.tie_embeddings:
+      logits = jnp.einsum('bld,vd->blv', x, self.embed[...].astype(self.dtype))
+    else:
+      logits = x @ self.unembed[...].astype(self.dtype)
+    losses = {name: jnp.mean(jnp.stack(values)) for name, values in losses.items()}
+    return logits.astype(jnp.float32), {'losses': losses, 'metrics': metrics}
+
+
+def build_model(cfg, vocab_size: int, seed: int) -> Transformer:
+  return Transformer(cfg, vocab_size, rngs=nnx.Rngs(params=seed))
