@@ -1,0 +1,116 @@
+"""The loss, the optimizer, and the jit-compiled train and eval steps.
+
+Everything here is a pure function of pytrees, so it checkpoints, shards and resumes
+without hidden state: params is the model's nnx.Param state as a pure dict,
+opt_state is optax's. A batch is int32 tokens [B, L + 1]; inputs are tokens[:, :-1]
+and targets tokens[:, 1:].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from routed.model.reinforce import reinforce_loss
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay to peak * min_lr_ratio at the end."""
+  peak = train_cfg.learning_rate
+  warmup = min(train_cfg.warmup_steps, max(train_cfg.steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(train_cfg.steps, warmup + 1), end_value=peak * train_cfg.min_lr_ratio)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  # Decay matrices only: norm scales are 1-D and decaying them just fights the norm.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                      weight_decay=train_cfg.weight_decay, mask=decay_mask)
+  if train_cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw)
+  return adamw
+
+
+def token_cross_entropy(logits, targets):
+  """Next-token cross-entropy of each token in nats: float32 [B, L, V], [B, L] -> [B, L]."""
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy(logits, targets):
+  """Mean next-token cross-entropy in nats; logits float32 [B, L, V], targets [B, L]."""
+  return jnp.mean(token_cross_entropy(logits, targets))
+
+
+def loss_weights(moe_cfg) -> dict:
+  """Router loss name -> its weight (each loss is averaged over MoE layers)."""
+  return {'balance': moe_cfg.aux_loss_weight, 'z': moe_cfg.z_loss_weight,
+          'relu_l1': moe_cfg.relu_l1_weight, 'reinforce': moe_cfg.reinforce_weight}
+
+
+def make_loss_fn(graphdef, cfg):
+  """loss(params, tokens, rng, train) -> (total loss, metrics dict).
+
+  Router losses are scalars, except 'reinforce': the per-token log-probability
+  [B, L] of a policy router's sampled choices, which becomes the REINFORCE loss with
+  the per-token cross-entropy as negative reward (routed/model/reinforce.py); it is
+  a training signal only, so evaluation leaves it out.
+  """
+  weights = loss_weights(cfg.moe)
+
+  def loss_fn(params, tokens, rng, train: bool):
+    model = nnx.merge(graphdef, params)
+    logits, aux = model(tokens[:, :-1], train=train, rng=rng)
+    token_ce = token_cross_entropy(logits, tokens[:, 1:])
+    ce = jnp.mean(token_ce)
+    loss = ce
+    metrics = {'ce': ce}
+    for name, value in aux['losses'].items():
+      if name == 'reinforce':
+        if not train:
+          continue
+        value = reinforce_loss(value, token_ce)
+      loss = loss + weights[name] * value
+      metrics[f'{name}_loss'] = value
+    metrics['loss'] = loss
+    metrics.update({f'moe/{k}': v for k, v in aux['metrics'].items()})
+    return loss, metrics
+
+  return loss_fn
+
+
+def make_train_step(graphdef, cfg, optimizer):
+  """Returns jit(train_step(params, opt_state, tokens, step) -> (params, opt_state, metrics)).
+
+  Router noise for step s comes from fold_in(key(seed), s), so a resumed run draws the
+  same noise as an uninterrupted one.
+  """
+  loss_fn = make_loss_fn(graphdef, cfg)
+  schedule = learning_rate_schedule(cfg.train)
+  base_key = jax.random.key(cfg.train.seed)
+
+  def train_step(params, opt_state, tokens, step):
+    rng = jax.random.fold_in(base_key, step)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, tokens, rng, True)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['learning_rate'] = schedule(step)
+    return params, opt_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def make_eval_step(graphdef, cfg):
+  """Returns jit(eval_step(params, tokens) -> metrics), routing in eval mode."""
+  loss_fn = make_loss_fn(graphdef, cfg)
+
+  def eval_step(params, tokens):
+    _, metrics = loss_fn(params, tokens, None, False)
+    return metrics
+
+  return jax.jit(eval_step)

@@ -1,0 +1,190 @@
+"""Trains a (routed) decoder LM from a config.
+
+  python -m routed.train --config=configs/switch_base.py:tiny --workdir=runs/quickstart
+
+Running the same command again resumes from the last checkpoint in WORKDIR, and does
+nothing more if the run already finished. Outputs in WORKDIR: config.json,
+metrics.jsonl, tensorboard/, checkpoints/<step>/. Bad input exits with status 2 and
+one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from routed import cli
+from routed.validate import validate
+
+FLAGS = {'config': None, 'workdir': None}
+
+
+def log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def mean_metrics(history: list[dict], prefix: str) -> dict:
+  """Means over the steps since the last log line, named prefix/<metric>."""
+  out = {}
+  for name in history[0]:
+    values = np.stack([np.asarray(h[name], dtype=np.float64) for h in history])
+    out[f'{prefix}/{name}'] = values.mean(axis=0)
+  layer_dropped = [v for k, v in out.items() if k.endswith('/dropped')]
+  if layer_dropped:
+    out[f'{prefix}/dropped'] = float(np.mean(layer_dropped))
+  return out
+
+
+class Run:
+  """One training run in a workdir: model, optimizer, data, checkpoints, metrics."""
+
+  def __init__(self, cfg, workdir: str):
+    # Heavy imports here, after the command line and config were checked.
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from routed import step as step_lib  # pylint: disable=g-import-not-at-top
+    from routed.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+    from routed.data import load_dataset  # pylint: disable=g-import-not-at-top
+    from routed.model.accounting import model_size  # pylint: disable=g-import-not-at-top
+    from routed.model.transformer import build_model  # pylint: disable=g-import-not-at-top
+    from routed.reporting import MetricsWriter  # pylint: disable=g-import-not-at-top
+
+    self.cfg, self.workdir = cfg, workdir
+    os.makedirs(workdir, exist_ok=True)
+    self.lead = jax.process_index() == 0
+    self.data = load_dataset(cfg.data, cfg.train.seq_len)
+    model = build_model(cfg, self.data.vocab_size, cfg.train.seed)
+    graphdef, state = nnx.split(model, nnx.Param)
+    self.params = nnx.to_pure_dict(state)
+    optimizer = step_lib.make_optimizer(cfg.train)
+    self.opt_state = optimizer.init(self.params)
+    self.train_step = step_lib.make_train_step(graphdef, cfg, optimizer)
+    self.eval_step = step_lib.make_eval_step(graphdef, cfg)
+    self.size = model_size(cfg, self.data.vocab_size)
+    self.checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
+                                     async_save=cfg.checkpoint.async_save)
+    self.writer = MetricsWriter(workdir, enabled=self.lead)
+    self.step = 0
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      self.params, self.opt_state, _ = self.checkpointer.restore(
+          latest, self.params, self.opt_state)
+      self.step = latest
+    self.writer.truncate_after(self.step)
+    if self.lead:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(cfg.to_json(indent=2))
+    self._eval_batches = None
+
+  def describe(self) -> str:
+    s = self.size
+    return (f'params {s.total_params / 1e6:.2f}M total, {s.active_params / 1e6:.2f}M active | '
+            f'{s.train_flops_per_token / 1e6:.1f} MFLOP/token (train) | {self.data.describe()}')
+
+  def evaluate(self) -> dict:
+    ecfg = self.cfg.eval
+    if self._eval_batches is None:
+      self._eval_batches = self.data.eval_batches(
+          ecfg.num_batches, ecfg.batch_size or self.cfg.train.batch_size)
+    history = [self.eval_step(self.params, batch) for batch in self._eval_batches]
+    return mean_metrics(history, 'eval')
+
+  def save(self) -> None:
+    self.checkpointer.save(self.step, self.params, self.opt_state,
+                           {'seed': self.cfg.train.seed})
+
+  def train(self) -> dict:
+    """Trains to cfg.train.steps; returns the last logged metrics row."""
+    cfg, t = self.cfg, self.cfg.train
+    if self.step >= t.steps:
+      log(f'{self.workdir}: already finished ({self.step}/{t.steps} steps); nothing to do')
+      return {}
+    log(self.describe())
+    log(f'training from step {self.step} to {t.steps}' +
+        (' (resumed from checkpoint)' if self.step else ''))
+    history, row = [], {}
+    clock = None  # (start time, steps since then), started after the first step
+    while self.step < t.steps:
+      batch = self.data.train_batch(self.step, t.batch_size, t.seed)
+      self.params, self.opt_state, metrics = self.train_step(
+          self.params, self.opt_state, batch, self.step)
+      self.step += 1
+      if clock is None:
+        # The first step includes compilation: start the clock after it.
+        metrics['loss'].block_until_ready()
+        clock = (time.perf_counter(), 0)
+      else:
+        clock = (clock[0], clock[1] + 1)
+        history.append(metrics)
+      is_last = self.step == t.steps
+      do_eval = cfg.eval.every_steps > 0 and (self.step % cfg.eval.every_steps == 0 or is_last)
+      if self.step % t.log_every == 0 or do_eval or is_last:
+        row = self.log_row(history or [metrics], clock, do_eval)
+        history, clock = [], (time.perf_counter(), 0)
+      if self.step % cfg.checkpoint.every_steps == 0 or is_last:
+        self.save()
+    return row
+
+  def log_row(self, history: list[dict], clock, do_eval: bool) -> dict:
+    """Writes and prints the metrics of the steps since the last log line."""
+    from routed.reporting import progress_line  # pylint: disable=g-import-not-at-top
+    t = self.cfg.train
+    row = mean_metrics(history, 'train')
+    elapsed, steps = time.perf_counter() - clock[0], clock[1]
+    tokens_per_s, eta = float('nan'), float('nan')
+    if steps and elapsed > 0:
+      tokens_per_s = steps * t.batch_size * t.seq_len / elapsed
+      eta = (t.steps - self.step) * elapsed / steps
+      row['train/tokens_per_s'] = tokens_per_s
+      if t.peak_flops:
+        row['train/mfu'] = tokens_per_s * self.size.train_flops_per_token / t.peak_flops
+    if do_eval:
+      row.update(self.evaluate())
+    self.writer.write(self.step, row)
+    line = progress_line(self.step, t.steps, row, tokens_per_s, eta)
+    if 'eval/ce' in row:
+      from routed.model.moe import routing_mode  # pylint: disable=g-import-not-at-top
+      line += f" | eval ce {row['eval/ce']:.4f} [{routing_mode(self.cfg, train=False)}]"
+    log(line)
+    return row
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.writer.close()
+
+
+def run(cfg, workdir: str) -> dict:
+  """Trains (or resumes) the run in workdir; returns the last logged metrics."""
+  training = Run(cfg, workdir)
+  try:
+    return training.train()
+  finally:
+    training.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    cfg, flags = cli.parse(argv, FLAGS)
+    validate(cfg, flags['workdir'])
+  except cli.UsageError as e:
+    log(f'routed.train: {e}')
+    return 2
+  from routed.data import DataError  # pylint: disable=g-import-not-at-top
+  try:
+    final = run(cfg, flags['workdir'])
+  except DataError as e:
+    log(f'routed.train: {e}')
+    return 2
+  if final:
+    log('done: ' + json.dumps({k: round(float(np.mean(v)), 4) for k, v in final.items()
+                               if k in ('train/ce', 'eval/ce', 'train/tokens_per_s')}))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

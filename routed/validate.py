@@ -1,0 +1,141 @@
+"""Checks a whole config before anything heavy starts.
+
+Every problem is reported as a `UsageError` whose message is one line naming the
+config key (or path) and what is wrong; the entry points print it and exit with 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+from routed.cli import UsageError
+from routed.model.dispatch import DISPATCHERS
+from routed.model.layers import ACTIVATIONS
+from routed.model.moe import ROUTERS
+from routed.model.transformer import DTYPES
+
+
+def require(condition: bool, key: str, problem: str) -> None:
+  if not condition:
+    raise UsageError(f'config key {key}: {problem}')
+
+
+def one_of(value, choices, key: str) -> None:
+  require(value in choices, key, f'{value!r} is not one of {", ".join(sorted(choices))}')
+
+
+def validate_model(cfg) -> None:
+  m, moe = cfg.model, cfg.moe
+  for key in ('d_model', 'num_heads', 'num_layers', 'd_ff'):
+    require(m[key] >= 1, f'model.{key}', f'must be >= 1, got {m[key]}')
+  require(m.d_model % m.num_heads == 0, 'model.num_heads',
+          f'{m.num_heads} does not divide model.d_model={m.d_model}')
+  require((m.d_model // m.num_heads) % 2 == 0, 'model.num_heads',
+          f'head width d_model/num_heads = {m.d_model // m.num_heads} must be even (rotary)')
+  one_of(m.activation, ACTIVATIONS, 'model.activation')
+  one_of(m.param_dtype, DTYPES, 'model.param_dtype')
+  one_of(m.compute_dtype, DTYPES, 'model.compute_dtype')
+  require(m.init_std > 0, 'model.init_std', f'must be > 0, got {m.init_std}')
+  require(m.rope_base > 0, 'model.rope_base', f'must be > 0, got {m.rope_base}')
+  require(moe.num_experts >= 1, 'moe.num_experts', f'must be >= 1, got {moe.num_experts}')
+  require(moe.every >= 0, 'moe.every', f'must be >= 0 (0 = dense model), got {moe.every}')
+  one_of(moe.router, ROUTERS, 'moe.router')
+  one_of(moe.dispatch, DISPATCHERS, 'moe.dispatch')
+  validate_routing(moe)
+  require(moe.capacity_factor > 0, 'moe.capacity_factor', f'must be > 0, got {moe.capacity_factor}')
+  require(moe.eval_capacity_factor > 0, 'moe.eval_capacity_factor',
+          f'must be > 0, got {moe.eval_capacity_factor}')
+  for key in ('aux_loss_weight', 'z_loss_weight', 'jitter'):
+    require(moe[key] >= 0, f'moe.{key}', f'must be >= 0, got {moe[key]}')
+  require(moe.jitter < 1, 'moe.jitter', f'must be < 1, got {moe.jitter}')
+  require(moe.router_init_scale > 0, 'moe.router_init_scale',
+          f'must be > 0, got {moe.router_init_scale}')
+
+
+TOKEN_CHOICE = ('switch', 'topk')  # the routers that take the gating options
+
+
+def validate_routing(moe) -> None:
+  require(moe.num_null_experts >= 0, 'moe.num_null_experts',
+          f'must be >= 0, got {moe.num_null_experts}')
+  choosable = moe.num_experts + moe.num_null_experts
+  require(1 <= moe.top_k <= choosable, 'moe.top_k',
+          f'must be between 1 and moe.num_experts + moe.num_null_experts = {choosable}, '
+          f'got {moe.top_k}')
+  require(moe.router != 'switch' or moe.top_k == 1, 'moe.top_k',
+          f'switch routes each token to 1 expert, got {moe.top_k} (use moe.router=topk)')
+  one_of(moe.gate, ('softmax', 'sigmoid', 'relu'), 'moe.gate')
+  tc = moe.router in TOKEN_CHOICE
+  for key, off in (('gate', 'softmax'), ('renormalize', False), ('num_null_experts', 0),
+                   ('top_p', 0.0)):
+    require(tc or moe[key] == off, f'moe.{key}',
+            f'is a token-choice option (moe.router=switch or topk), not for {moe.router}')
+  require(0 <= moe.top_p <= 1, 'moe.top_p', f'must be in [0, 1] (0 = off), got {moe.top_p}')
+  require(not moe.renormalize or moe.top_k > 1, 'moe.renormalize',
+          'with top_k=1 every combine weight would be 1 and the router would get no gradient')
+  require(not moe.renormalize or moe.gate != 'relu', 'moe.renormalize',
+          'ReLU gates are not normalised (moe.gate=relu)')
+  require(moe.relu_l1_weight >= 0, 'moe.relu_l1_weight', f'must be >= 0, got {moe.relu_l1_weight}')
+  require(0 < moe.relu_target <= moe.top_k, 'moe.relu_target',
+          f'must be in (0, moe.top_k={moe.top_k}], got {moe.relu_target}')
+  one_of(moe.balance_scope, ('micro', 'global'), 'moe.balance_scope')
+  require(moe.balance_shards >= 1, 'moe.balance_shards', f'must be >= 1, got {moe.balance_shards}')
+  require(moe.num_shared_experts >= 0, 'moe.num_shared_experts',
+          f'must be >= 0, got {moe.num_shared_experts}')
+  require(moe.expert_d_ff >= 0, 'moe.expert_d_ff', f'must be >= 0 (0 = model.d_ff), got {moe.expert_d_ff}')
+  require(moe.slots_per_expert >= 1, 'moe.slots_per_expert',
+          f'must be >= 1, got {moe.slots_per_expert}')
+  require(moe.sinkhorn_iters >= 1, 'moe.sinkhorn_iters', f'must be >= 1, got {moe.sinkhorn_iters}')
+  require(moe.reinforce_weight >= 0, 'moe.reinforce_weight',
+          f'must be >= 0, got {moe.reinforce_weight}')
+
+
+def validate_training(cfg) -> None:
+  t = cfg.train
+  require(t.steps >= 1, 'train.steps', f'must be >= 1, got {t.steps}')
+  require(t.batch_size >= 1, 'train.batch_size', f'must be >= 1, got {t.batch_size}')
+  require(t.seq_len >= 2, 'train.seq_len', f'must be >= 2, got {t.seq_len}')
+  require(t.learning_rate > 0, 'train.learning_rate', f'must be > 0, got {t.learning_rate}')
+  require(t.warmup_steps >= 0, 'train.warmup_steps', f'must be >= 0, got {t.warmup_steps}')
+  require(0 <= t.min_lr_ratio <= 1, 'train.min_lr_ratio', f'must be in [0, 1], got {t.min_lr_ratio}')
+  require(t.weight_decay >= 0, 'train.weight_decay', f'must be >= 0, got {t.weight_decay}')
+  require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, 'train.b1/b2', f'must be in [0, 1), got {t.b1}, {t.b2}')
+  require(t.grad_clip >= 0, 'train.grad_clip', f'must be >= 0, got {t.grad_clip}')
+  require(t.log_every >= 1, 'train.log_every', f'must be >= 1, got {t.log_every}')
+  require(t.peak_flops >= 0, 'train.peak_flops', f'must be >= 0, got {t.peak_flops}')
+  require(cfg.eval.every_steps >= 0, 'eval.every_steps', f'must be >= 0, got {cfg.eval.every_steps}')
+  require(cfg.eval.num_batches >= 1, 'eval.num_batches', f'must be >= 1, got {cfg.eval.num_batches}')
+  require(cfg.eval.batch_size >= 0, 'eval.batch_size', f'must be >= 0, got {cfg.eval.batch_size}')
+  shards = cfg.moe.balance_shards
+  for key, size in (('train.batch_size', t.batch_size), ('eval.batch_size', cfg.eval.batch_size)):
+    require(size % shards == 0, 'moe.balance_shards', f'{shards} does not divide {key}={size}')
+  require(cfg.checkpoint.every_steps >= 1, 'checkpoint.every_steps',
+          f'must be >= 1, got {cfg.checkpoint.every_steps}')
+  require(cfg.checkpoint.keep >= 1, 'checkpoint.keep', f'must be >= 1, got {cfg.checkpoint.keep}')
+
+
+def validate_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f'--workdir: {workdir} exists and is not a directory')
+  parent = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UsageError(f'--workdir: {parent} is not a directory')
+  target = workdir if os.path.exists(workdir) else parent
+  if not os.access(target, os.W_OK | os.X_OK):
+    raise UsageError(f'--workdir: {target} is not writable')
+
+
+def validate(cfg, workdir: str | None = None) -> None:
+  """Raises UsageError for the first problem found in cfg (and the workdir)."""
+  # Imported here: routed.data pulls in the data stack only when it must.
+  from routed.data import DataError, check_data_config  # pylint: disable=g-import-not-at-top
+  validate_model(cfg)
+  validate_training(cfg)
+  try:
+    check_data_config(cfg.data)
+  except DataError as e:
+    raise UsageError(str(e)) from None
+  if workdir is not None:
+    validate_workdir(workdir)
