@@ -29,15 +29,56 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.num_experts = 8            # experts per MoE layer E
   c.moe.every = 2                  # every `every`-th block (counting from 1) has an MoE FFN;
                                    # 0 = a dense model with no MoE layers
-  c.moe.router = 'switch'          # routing algorithm (see routed/model/routers.py)
-  c.moe.top_k = 1                  # experts per token for token-choice routers
+  c.moe.router = 'switch'          # routing algorithm: switch | topk | expert_choice | soft |
+                                   # sbase | hash | reinforce (registry in routed/model/moe.py)
+  c.moe.top_k = 1                  # experts per token for topk (at most this many with top_p
+                                   # or the relu gate); switch, sbase, hash, reinforce are top-1
   c.moe.capacity_factor = 1.25     # expert capacity in training: C = ceil(cf * S / E) tokens
   c.moe.eval_capacity_factor = 2.0  # the same at evaluation and sampling
-  c.moe.dispatch = 'einsum'        # dispatch backend (see routed/model/dispatch.py)
+  c.moe.dispatch = 'einsum'        # dispatch backend: einsum | gather (with capacity) |
+                                   # ragged | tiled | pallas (dropless: ignore capacity);
+                                   # see routed/model/dispatch.py
   c.moe.aux_loss_weight = 0.01     # weight of the load-balance loss, averaged over MoE layers
   c.moe.z_loss_weight = 1e-3       # weight of the router z-loss, averaged over MoE layers
   c.moe.router_init_scale = 0.1    # router kernel std = sqrt(scale / d_model) (Switch: 0.1)
   c.moe.jitter = 0.01              # training-only router input noise: x * U(1-eps, 1+eps)
+  c.moe.expert_d_ff = 0            # hidden width of each routed expert; 0 = model.d_ff
+  c.moe.num_shared_experts = 0     # always-on experts added to the routed output (DeepSeekMoE),
+                                   # computed as one dense MLP of width num_shared * expert d_ff
+  # Gating options of the token-choice routers (switch, topk):
+  c.moe.gate = 'softmax'           # softmax | sigmoid (normalised sigmoid scores) | relu (ReMoE)
+  c.moe.renormalize = False        # divide the chosen gates by their sum (GShard top-k); topk only
+  c.moe.num_null_experts = 0       # zero-compute experts a token may choose (AdaMoE): output 0
+  c.moe.top_p = 0.0                # > 0: per-token k = fewest top experts whose probability
+                                   # reaches top_p, capped at top_k; 0 = always top_k
+  c.moe.relu_l1_weight = 1e-2      # relu gate: weight of the load-balanced L1 sparsity loss
+  c.moe.relu_target = 1.0          # relu gate: the L1 loss applies while the mean number of
+                                   # active experts per token exceeds this
+  # Load balance: E * sum_i f_i P_i, f_i = share of all k choices on expert i (sum f = 1).
+  c.moe.balance_scope = 'micro'    # micro: f per batch slice | global: f from the counts of all
+                                   # slices summed ("Demons in the Detail")
+  c.moe.balance_shards = 1         # slices the batch is viewed as (data-parallel shards or
+                                   # micro-batches); must divide the train and eval batch sizes
+  # Other routers:
+  c.moe.slots_per_expert = 1       # soft: slots P per expert; S / E slots each = top-1 FLOPs
+  c.moe.sinkhorn_iters = 8         # sbase: Sinkhorn normalisations per training step
+  c.moe.reinforce_weight = 1.0     # reinforce: weight of the REINFORCE loss (in-batch baseline)
+
+  # Mixture-of-Depths (routed/model/mod.py): routed blocks run only some tokens.
+  c.mod = ml_collections.ConfigDict()
+  c.mod.enabled = False            # turn MoD on (configs/mod_base.py, configs/mode_base.py)
+  c.mod.every = 2                  # with enabled: every `every`-th block (counting from 1) is
+                                   # routed; with moe.every the same blocks: staged MoDE
+  c.mod.capacity = 0.125           # training: the top round(capacity * L) tokens of each sequence
+                                   # run through a routed block (paper's best: 12.5%)
+  c.mod.eval_capacity = 0.25       # evaluation and sampling: at most this share of each sequence
+                                   # (the first tokens the causal rule picks); >= capacity
+  c.mod.causal_rule = 'aux_loss'   # how eval/sampling decide causally: aux_loss (the router's
+                                   # logit > 0) | predictor (small MLP on stop-gradient inputs)
+  c.mod.aux_loss_weight = 0.1      # weight of the rule's binary cross-entropy against top-k
+                                   # membership ('mod_causal' loss), averaged over MoD blocks
+  c.mod.predictor_d_ff = 64        # hidden width of the predictor (causal_rule=predictor)
+  c.mod.router_init_scale = 0.1    # router kernel std = sqrt(scale / d_model)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 10000            # optimizer steps

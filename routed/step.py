@@ -61,6 +61,7 @@ def make_loss_fn(graphdef, cfg):
   a training signal only, so evaluation leaves it out.
   """
   weights = loss_weights(cfg.moe)
+  weights['mod_causal'] = cfg.mod.aux_loss_weight  # Mixture-of-Depths causal rule (mod_causal.py)
 
   def loss_fn(params, tokens, rng, train: bool):
     model = nnx.merge(graphdef, params)

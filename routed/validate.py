@@ -42,6 +42,7 @@ def validate_model(cfg) -> None:
   one_of(moe.router, ROUTERS, 'moe.router')
   one_of(moe.dispatch, DISPATCHERS, 'moe.dispatch')
   validate_routing(moe)
+  validate_mod(cfg)
   require(moe.capacity_factor > 0, 'moe.capacity_factor', f'must be > 0, got {moe.capacity_factor}')
   require(moe.eval_capacity_factor > 0, 'moe.eval_capacity_factor',
           f'must be > 0, got {moe.eval_capacity_factor}')
@@ -50,6 +51,27 @@ def validate_model(cfg) -> None:
   require(moe.jitter < 1, 'moe.jitter', f'must be < 1, got {moe.jitter}')
   require(moe.router_init_scale > 0, 'moe.router_init_scale',
           f'must be > 0, got {moe.router_init_scale}')
+
+
+def validate_mod(cfg) -> None:
+  """Mixture-of-Depths keys (routed/model/mod.py)."""
+  from routed.model.mod_causal import CAUSAL_RULES  # pylint: disable=g-import-not-at-top
+  mod = cfg.mod
+  require(mod.every >= 1, 'mod.every', f'must be >= 1, got {mod.every}')
+  require(0 < mod.capacity <= 1, 'mod.capacity', f'must be in (0, 1], got {mod.capacity}')
+  require(mod.capacity <= mod.eval_capacity <= 1, 'mod.eval_capacity',
+          f'must be in [mod.capacity={mod.capacity}, 1], got {mod.eval_capacity}')
+  one_of(mod.causal_rule, CAUSAL_RULES, 'mod.causal_rule')
+  require(mod.aux_loss_weight >= 0, 'mod.aux_loss_weight', f'must be >= 0, got {mod.aux_loss_weight}')
+  require(mod.predictor_d_ff >= 1, 'mod.predictor_d_ff', f'must be >= 1, got {mod.predictor_d_ff}')
+  require(mod.router_init_scale > 0, 'mod.router_init_scale',
+          f'must be > 0, got {mod.router_init_scale}')
+  # A REINFORCE router's per-token loss is paired with the full sequence's cross-entropy.
+  staged = mod.enabled and cfg.moe.every > 0 and any(
+      (i + 1) % mod.every == 0 and (i + 1) % cfg.moe.every == 0
+      for i in range(cfg.model.num_layers))
+  require(not (staged and cfg.moe.router == 'reinforce'), 'moe.router',
+          'reinforce cannot sit inside a Mixture-of-Depths block (staged MoDE)')
 
 
 TOKEN_CHOICE = ('switch', 'topk')  # the routers that take the gating options
@@ -82,7 +104,8 @@ def validate_routing(moe) -> None:
   require(moe.balance_shards >= 1, 'moe.balance_shards', f'must be >= 1, got {moe.balance_shards}')
   require(moe.num_shared_experts >= 0, 'moe.num_shared_experts',
           f'must be >= 0, got {moe.num_shared_experts}')
-  require(moe.expert_d_ff >= 0, 'moe.expert_d_ff', f'must be >= 0 (0 = model.d_ff), got {moe.expert_d_ff}')
+  require(moe.expert_d_ff >= 0, 'moe.expert_d_ff',
+          f'must be >= 0 (0 = model.d_ff), got {moe.expert_d_ff}')
   require(moe.slots_per_expert >= 1, 'moe.slots_per_expert',
           f'must be >= 1, got {moe.slots_per_expert}')
   require(moe.sinkhorn_iters >= 1, 'moe.sinkhorn_iters', f'must be >= 1, got {moe.sinkhorn_iters}')

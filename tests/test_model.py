@@ -82,7 +82,7 @@ def test_switch_routing_hand_computed():
 def test_balance_loss_is_one_when_uniform():
   probs = jnp.full((2, 8, 4), 0.25)
   first = jnp.tile(jnp.arange(4), 4).reshape(2, 8)
-  loss, load = routers.balance_loss(probs, first, 4)
+  loss, load = routers.balance_loss(probs, jax.nn.one_hot(first, 4))
   np.testing.assert_allclose(loss, 1.0, rtol=1e-6)
   np.testing.assert_allclose(load, 0.25, rtol=1e-6)
 

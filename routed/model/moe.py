@@ -1,7 +1,8 @@
-"""The mixture-of-experts FFN: a router, a bank of expert MLPs and a dispatcher.
+"""The mixture-of-experts FFN: a router, a bank of expert MLPs and a dispatcher; and
+the registry of routers (config key moe.router).
 
 Shape letters as in routers.py: G groups (one sequence each), S tokens per group,
-E experts, C capacity, D d_model, F d_ff.
+E experts, C capacity, D d_model, F expert d_ff.
 """
 
 from __future__ import annotations
@@ -10,8 +11,41 @@ import jax.numpy as jnp
 from flax import nnx
 
 from routed.model import dispatch as dispatch_lib
-from routed.model import routers as routers_lib
-from routed.model.layers import ACTIVATIONS, normal_param
+from routed.model.expert_choice import ExpertChoiceRouter
+from routed.model.hash_router import HashRouter
+from routed.model.layers import ACTIVATIONS, MLP, normal_param
+from routed.model.reinforce import ReinforceRouter
+from routed.model.routers import SwitchRouter, TokenChoiceRouter
+from routed.model.sbase import SBaseRouter
+from routed.model.soft_moe import SoftRouter
+
+# moe.router -> router class. Each has from_config(moe_cfg, d_model, rngs), is called
+# as router(x, train=, rng=, token_ids=) -> (decision, losses, metrics), and declares
+# is_causal(train) and describe(moe_cfg, train).
+ROUTERS = {
+    'switch': SwitchRouter,
+    'topk': TokenChoiceRouter,
+    'expert_choice': ExpertChoiceRouter,
+    'soft': SoftRouter,
+    'sbase': SBaseRouter,
+    'hash': HashRouter,
+    'reinforce': ReinforceRouter,
+}
+
+
+def is_causal(cfg, train: bool) -> bool:
+  """Whether the model's output at position t depends only on tokens <= t."""
+  return cfg.moe.every == 0 or ROUTERS[cfg.moe.router].is_causal(train)
+
+
+def routing_mode(cfg, train: bool) -> str:
+  """One line saying how the model routes in training or evaluation."""
+  if cfg.moe.every == 0:
+    return 'dense model (no routing)'
+  moe = cfg.moe
+  causal = 'causal' if is_causal(cfg, train) else 'NON-CAUSAL: sees later tokens of the sequence'
+  return (f"{'train' if train else 'eval'} routing {moe.router}: "
+          f'{ROUTERS[moe.router].describe(moe, train)}; {causal}')
 
 
 class Experts(nnx.Module):
@@ -37,23 +71,26 @@ class MoELayer(nnx.Module):
   """Drop-in replacement for the dense MLP: x [B, L, D] -> (y [B, L, D], aux).
 
   Each sequence is one routing group (G = B, S = L): capacity is per sequence, and
-  with the causal token-choice routers a token's routing never depends on later
-  tokens. aux = {'losses': {name: scalar}, 'metrics': {name: array}}.
+  with the causal routers a token's routing never depends on later tokens.
+  y = routed experts' output + shared experts' output; moe.num_shared_experts
+  always-on experts (DeepSeekMoE) are one dense MLP of width num_shared * F, which
+  equals their sum. aux = {'losses': {name: value}, 'metrics': {name: array}}.
   """
 
   def __init__(self, moe_cfg, *, d_model: int, d_ff: int, activation: str, init_std: float,
                dtype, param_dtype, rngs: nnx.Rngs):
-    router_cls = routers_lib.ROUTERS[moe_cfg.router]
-    self.router = router_cls(
-        d_model, moe_cfg.num_experts, top_k=moe_cfg.top_k,
-        capacity_factor=moe_cfg.capacity_factor,
-        eval_capacity_factor=moe_cfg.eval_capacity_factor,
-        init_scale=moe_cfg.router_init_scale, jitter=moe_cfg.jitter, rngs=rngs)
-    self.experts = Experts(moe_cfg.num_experts, d_model, d_ff, activation=activation,
+    expert_d_ff = moe_cfg.expert_d_ff or d_ff
+    self.router = ROUTERS[moe_cfg.router].from_config(moe_cfg, d_model, rngs)
+    self.experts = Experts(moe_cfg.num_experts, d_model, expert_d_ff, activation=activation,
                            init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.shared = MLP(d_model, moe_cfg.num_shared_experts * expert_d_ff,
+                      activation=activation, init_std=init_std, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs) if moe_cfg.num_shared_experts else None
     self.dispatch = dispatch_lib.DISPATCHERS[moe_cfg.dispatch]
 
   def __call__(self, x, *, train: bool, rng=None, token_ids=None):
-    routing, losses, metrics = self.router(x, train=train, rng=rng, token_ids=token_ids)
-    y = self.dispatch(x.astype(self.experts.dtype), routing, self.experts)
+    decision, losses, metrics = self.router(x, train=train, rng=rng, token_ids=token_ids)
+    y = self.dispatch(x.astype(self.experts.dtype), decision, self.experts)
+    if self.shared is not None:
+      y = y + self.shared(x)[0]
     return y, {'losses': losses, 'metrics': metrics}

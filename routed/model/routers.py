@@ -26,8 +26,8 @@ hash_router.py, reinforce.py beside it; the registry `ROUTERS` is in moe.py.
 
 Losses (float32 scalars for one MoE layer; the model averages each over MoE layers,
 routed/step.py weights them by the config):
-  balance  E' * sum_i f_i * P_i (Switch Transformer) over the N' = E + nulls experts a
-           router scores. f_i = share of the layer's active choices (all k of them,
+  balance  N * sum_i f_i * P_i (Switch Transformer) over the N experts the router
+           scores (null experts included). f_i = share of the layer's active choices (all k of them,
            counted before capacity drops, so sum_i f_i = 1) that picked expert i;
            P_i = mean router probability of expert i. 1.0 at perfect balance, for any k.
            With balance_shards > 1 the batch's G groups are viewed as that many
@@ -41,11 +41,12 @@ routed/step.py weights them by the config):
            choice; routed/step.py turns it into the REINFORCE loss with the
            per-token cross-entropy (reinforce.py).
 Metrics: expert_load [E] (f of the real experts: their share of all active choices,
-  before capacity), dropped (fraction of real choices over capacity), entropy (mean entropy of the router
-  distribution, nats); routers add their own (see each class).
+  before capacity), dropped (fraction of real choices over capacity), entropy (mean
+  entropy of the router distribution, nats); routers add their own (see each class).
 
-Causality: `Router.is_causal(train)` says whether a token's routing depends only on
-itself and earlier tokens of its group, which autoregressive sampling needs.
+Causality: `RouterBase.is_causal(train)` says whether a token's routing depends only
+on itself and earlier tokens of its group, which autoregressive sampling needs;
+`routed.model.moe.is_causal(cfg, train)` says it for a whole model.
 """
 
 from __future__ import annotations
@@ -67,11 +68,18 @@ class Routing:
                             null expert) and then has weight 0
   weight: float32 [G, S, K] combine weight of each choice
   capacity: C, slots per expert per group (static)
+  dropless_weight: float32 [G, S, K] or None, for the dropless dispatch backends
+                            (ragged, tiled, pallas), which ignore capacity: the
+                            weight of each choice had nothing been dropped, 0 for a
+                            choice that takes no expert (inactive or null). None:
+                            the router drops nothing for capacity beyond its own
+                            decision (expert choice), so dropless backends use weight.
   """
   expert: jax.Array
   slot: jax.Array
   weight: jax.Array
   capacity: int = struct.field(pytree_node=False)
+  dropless_weight: jax.Array | None = None
 
   def dense(self, num_experts: int):
     """One-hot dispatch [G, S, E, C] (0/1) and combine [G, S, E, C] (weights) tensors."""
@@ -151,8 +159,10 @@ class RouterBase(nnx.Module):
     return cls.causal
 
   @classmethod
-  def describe(cls, train: bool) -> str:
-    return cls.summary
+  def describe(cls, moe_cfg, train: bool) -> str:
+    """How this router routes under moe_cfg in training or evaluation, in a few words."""
+    cf = moe_cfg.capacity_factor if train else moe_cfg.eval_capacity_factor
+    return f'{cls.summary}, capacity factor {cf:g}'
 
 
 class Router(RouterBase):
@@ -194,6 +204,11 @@ class Router(RouterBase):
     """x [G, S, D] -> (decision, losses, metrics). Training needs rng when jitter > 0
     or the router samples."""
     del token_ids  # learned routers look at the tokens' representations only
+    x, route_rng = self.inputs(x, train, rng)
+    return self.route(x @ self.kernel[...], train, rng=route_rng)
+
+  def inputs(self, x, train: bool, rng):
+    """x [G, S, D] -> (float32 router inputs [G, S, D], jittered in training; rng for route)."""
     jitter_rng = route_rng = None
     if rng is not None:
       jitter_rng, route_rng = jax.random.split(rng)
@@ -202,8 +217,7 @@ class Router(RouterBase):
     if train and self.jitter > 0:
       x = x * jax.random.uniform(jitter_rng, x.shape, jnp.float32, 1 - self.jitter,
                                  1 + self.jitter)
-    logits = x @ self.kernel[...]
-    return self.route(logits, train, rng=route_rng)
+    return x, route_rng
 
   def capacity(self, group_size: int, train: bool) -> int:
     cf = self.capacity_factor if train else self.eval_capacity_factor
@@ -223,7 +237,8 @@ class Router(RouterBase):
     kept = real & (slot < capacity)
     routing = Routing(expert=jnp.where(real, expert, 0).astype(jnp.int32), slot=slot,
                       weight=jnp.where(kept, weight, 0.0).astype(jnp.float32),
-                      capacity=capacity)
+                      capacity=capacity,
+                      dropless_weight=jnp.where(real, weight, 0.0).astype(jnp.float32))
     return routing, real, kept
 
   def choice_stats(self, probs, expert, active, real, kept):
@@ -292,12 +307,12 @@ class TokenChoiceRouter(Router):
   exceed relu_target (a stateless stand-in for ReMoE's adaptive coefficient).
   """
   causal = True
-  summary = 'top-k token choice'
+  fixed_top_k = 0  # > 0: this many choices whatever moe.top_k says
 
   def __init__(self, d_model: int, num_experts: int, *, top_k: int = 1,
                gate: str = 'softmax', renormalize: bool = False, top_p: float = 0.0,
                relu_target: float = 1.0, **kwargs):
-    super().__init__(d_model, num_experts, top_k=top_k, **kwargs)
+    super().__init__(d_model, num_experts, top_k=self.fixed_top_k or top_k, **kwargs)
     self.gate = gate
     self.renormalize = renormalize
     self.top_p = top_p
@@ -308,6 +323,19 @@ class TokenChoiceRouter(Router):
     return dict(super().config_kwargs(moe_cfg), top_k=moe_cfg.top_k, gate=moe_cfg.gate,
                 renormalize=moe_cfg.renormalize, top_p=moe_cfg.top_p,
                 relu_target=moe_cfg.relu_target, num_null_experts=moe_cfg.num_null_experts)
+
+  @classmethod
+  def describe(cls, moe_cfg, train: bool) -> str:
+    k = cls.fixed_top_k or moe_cfg.top_k
+    options = [f'top-{k} token choice', f'{moe_cfg.gate} gate']
+    if moe_cfg.renormalize:
+      options.append('renormalized')
+    if moe_cfg.top_p:
+      options.append(f'top-p {moe_cfg.top_p:g}')
+    if moe_cfg.num_null_experts:
+      options.append(f'{moe_cfg.num_null_experts} null experts')
+    cf = moe_cfg.capacity_factor if train else moe_cfg.eval_capacity_factor
+    return ', '.join(options) + f', capacity factor {cf:g}'
 
   def route(self, logits, train: bool, rng=None):
     del rng  # deterministic
@@ -344,8 +372,4 @@ class SwitchRouter(TokenChoiceRouter):
   order until its C slots are full, and later tokens are dropped (they pass through
   on the residual). The gate options of TokenChoiceRouter apply, with k = 1. Causal.
   """
-  summary = 'top-1 token choice'
-
-  def __init__(self, d_model: int, num_experts: int, **kwargs):
-    kwargs['top_k'] = 1
-    super().__init__(d_model, num_experts, **kwargs)
+  fixed_top_k = 1

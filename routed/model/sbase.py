@@ -62,10 +62,11 @@ class SBaseRouter(Router):
     return not train
 
   @classmethod
-  def describe(cls, train: bool) -> str:
+  def describe(cls, moe_cfg, train: bool) -> str:
     if train:
-      return 'S-BASE: top-1 of Sinkhorn-balanced scores over the sequence'
-    return 'S-BASE at eval: top-1 token choice'
+      return (f'top-1 of the Sinkhorn-balanced scores of the sequence ({moe_cfg.sinkhorn_iters} '
+              f'iterations), capacity factor {moe_cfg.capacity_factor:g}')
+    return f'top-1 token choice, capacity factor {moe_cfg.eval_capacity_factor:g}'
 
   def route(self, logits, train: bool, rng=None):
     del rng  # deterministic

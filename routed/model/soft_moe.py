@@ -54,9 +54,14 @@ def l2_normalize(x, axis):
 class SoftRouter(RouterBase):
   """Slot parameters Phi [D, E, P]; logits = scale * <x / |x|, Phi / |Phi|> per slot.
 
-  L2-normalising tokens and slot parameters, with a learned scalar scale (init 1),
-  keeps the logits in [-scale, scale] whatever the width D. No tokens are dropped
-  and nothing is discrete, so every weight is differentiable. Losses: none. Metrics:
+  L2-normalising tokens and slot parameters, with a learned scalar scale, keeps the
+  logits in [-scale, scale] whatever the width D. The scale starts at sqrt(D), which
+  gives logits of unit variance at init, as a plain linear router would have. (The
+  reference implementation, vmoe, starts it at 1: logits ~ N(0, 1/D), and in the tiny
+  benchmark both softmaxes then stayed uniform, entropy log S, for all 300 steps:
+  every slot was the sequence mean and the layer gave every token the same output.)
+  No tokens are dropped and nothing is discrete, so every weight is differentiable.
+  Losses: none. Metrics:
   expert_load (each expert's share of the combine weight), dropped (always 0),
   entropy (of each token's combine weights over the E * P slots, nats) and
   dispatch_entropy (of each slot's dispatch weights over the S tokens; log S is
@@ -72,7 +77,11 @@ class SoftRouter(RouterBase):
     init = jax.nn.initializers.normal(stddev=d_model ** -0.5)
     self.phi = nnx.Param(init(rngs.params(), (d_model, num_experts, slots_per_expert),
                               jnp.float32))
-    self.scale = nnx.Param(jnp.ones((), jnp.float32))
+    self.scale = nnx.Param(jnp.full((), d_model ** 0.5, jnp.float32))
+
+  @classmethod
+  def describe(cls, moe_cfg, train: bool) -> str:
+    return f'{cls.summary}, {moe_cfg.slots_per_expert} slots per expert'
 
   @classmethod
   def from_config(cls, moe_cfg, d_model: int, rngs: nnx.Rngs):

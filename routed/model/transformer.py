@@ -14,6 +14,7 @@ from flax import nnx
 
 from routed.model.layers import MLP, Attention, RMSNorm, normal_param
 from routed.model.moe import MoELayer
+from routed.model.mod import MoDBlock, mod_blocks
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -49,7 +50,8 @@ class Transformer(nnx.Module):
 
   aux = {'losses': {name: mean over MoE layers}, 'metrics': {f'layer{i}/{name}': value}}.
   Losses are averaged (not summed) over MoE layers, so a loss weight means the same
-  whatever the depth.
+  whatever the depth; a per-token entry (REINFORCE's log-probabilities [B, L]) is
+  averaged over layers token by token.
   """
 
   def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs):
@@ -57,7 +59,12 @@ class Transformer(nnx.Module):
     self.dtype = DTYPES[m.compute_dtype]
     self.tie_embeddings = m.tie_embeddings
     self.embed = normal_param(rngs, (vocab_size, m.d_model), m.init_std, DTYPES[m.param_dtype])
-    self.blocks = nnx.List([Block(cfg, moe=is_moe, rngs=rngs) for is_moe in moe_blocks(cfg)])
+    self.blocks = nnx.List([
+        # Mixture-of-Depths (routed/model/mod.py) wraps the blocks it routes.
+        MoDBlock(cfg.mod, Block(cfg, moe=is_moe, rngs=rngs), d_model=m.d_model,
+                 param_dtype=DTYPES[m.param_dtype], rngs=rngs) if is_mod
+        else Block(cfg, moe=is_moe, rngs=rngs)
+        for is_moe, is_mod in zip(moe_blocks(cfg), mod_blocks(cfg))])
     self.final_norm = RMSNorm(m.d_model, param_dtype=DTYPES[m.param_dtype])
     if not m.tie_embeddings:
       self.unembed = normal_param(rngs, (m.d_model, vocab_size), m.init_std,
@@ -81,7 +88,8 @@ class Transformer(nnx.Module):
       logits = jnp.einsum('bld,vd->blv', x, self.embed[...].astype(self.dtype))
     else:
       logits = x @ self.unembed[...].astype(self.dtype)
-    losses = {name: jnp.mean(jnp.stack(values)) for name, values in losses.items()}
+    # Over layers only: a per-token loss entry ('reinforce', [B, L]) keeps its shape.
+    losses = {name: jnp.mean(jnp.stack(values), axis=0) for name, values in losses.items()}
     return logits.astype(jnp.float32), {'losses': losses, 'metrics': metrics}
 
 
