@@ -1,41 +1,63 @@
 """Dispatchers execute a router's decision: gather tokens, run the experts, combine.
 
-A dispatcher is a function `(x, routing, experts) -> y`:
-  x        [G, S, D]  tokens of each routing group
-  routing  Routing    from routed/model/routers.py (expert, slot, weight per choice)
-  experts  Experts    maps per-expert buffers [E, G, C, D] -> [E, G, C, D]
-  y        [G, S, D]  sum over a token's choices of weight * expert output
+A dispatcher is a function `(x, decision, experts) -> y`:
+  x         [G, S, D]  tokens of each routing group
+  decision  from a router (routed/model/routers.py): a `Routing` (expert, slot and
+            weight per token choice: token choice, expert choice, S-BASE, hash, RL-R)
+            or a `SoftRouting` (dense soft weights: Soft MoE, soft_moe.py)
+  experts   Experts    maps per-expert buffers [E, G, C, D] -> [E, G, C, D]
+  y         [G, S, D]  sum over a token's choices of weight * expert output
 
 Shape letters as in routers.py. Tokens dropped by capacity (slot >= C) get no
 expert output from that choice; the MoE layer's residual connection carries them.
 
-`einsum` is the readable reference (GShard / T5X style): it materialises one-hot
-dispatch and combine tensors of shape [G, S, E, C], so its cost grows with E. Other
-backends must agree with it.
+`einsum` is the readable reference (GShard / T5X style) and runs every decision
+type: each type turns itself into dense dispatch and combine tensors of shape
+[G, S, E, C] (`decision.dense(E)`), so its cost grows with E. Index-based backends
+special-case `Routing` and may run any other decision type through those dense
+tensors. Every backend must agree with `einsum`.
+
+Backends (config key moe.dispatch):
+  einsum  the dense one-hot reference above; honours capacity; cost grows with E.
+  gather  index-based with capacity (dispatch_gather.py): same drops as einsum, data
+          movement independent of E.
+  ragged  dropless, jax.lax.ragged_dot (dispatch_dropless.py).
+  tiled   dropless, an XLA loop of one matmul per row tile (dispatch_dropless.py).
+  pallas  dropless, Pallas grouped-matmul kernels for TPU and GPU (routed/kernels/).
+Dropless backends ignore capacity and use `Routing.dropless_weight`: they equal
+einsum with a capacity large enough that nothing drops. `SoftRouting` has no
+assignment to exploit: every backend runs it through the dense einsum path.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 
-def dense_dispatch_tensors(routing, num_experts: int):
-  """One-hot dispatch [G, S, E, C] (0/1) and combine [G, S, E, C] (weights) tensors."""
-  expert = jax.nn.one_hot(routing.expert, num_experts, dtype=jnp.float32)     # [G, S, K, E]
-  slot = jax.nn.one_hot(routing.slot, routing.capacity, dtype=jnp.float32)    # [G, S, K, C]
-  # one_hot of an out-of-range slot is all zeros: dropped choices vanish here.
-  dispatch = jnp.einsum('gske,gskc->gsec', expert, slot)
-  combine = jnp.einsum('gske,gskc,gsk->gsec', expert, slot, routing.weight.astype(jnp.float32))
-  return dispatch, combine
+def dense_dispatch_tensors(decision, num_experts: int):
+  """Dispatch [G, S, E, C] and combine [G, S, E, C] float32 tensors of any decision."""
+  return decision.dense(num_experts)
 
 
-def einsum_dispatch(x, routing, experts):
-  dispatch, combine = dense_dispatch_tensors(routing, experts.num_experts)
+def einsum_dispatch(x, decision, experts):
+  dispatch, combine = dense_dispatch_tensors(decision, experts.num_experts)
   dispatch = dispatch.astype(x.dtype)
   buffers = jnp.einsum('gsec,gsd->egcd', dispatch, x)
   out = experts(buffers)
   return jnp.einsum('gsec,egcd->gsd', combine.astype(out.dtype), out)
 
 
-DISPATCHERS = {'einsum': einsum_dispatch}
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from routed.model.dispatch_dropless import pallas_dispatch, ragged_dispatch, tiled_dispatch
+from routed.model.dispatch_gather import gather_dispatch
+
+# moe.dispatch -> dispatcher (x [G, S, D], decision, experts) -> y [G, S, D].
+DISPATCHERS = {
+    'einsum': einsum_dispatch,
+    'gather': gather_dispatch,
+    'ragged': ragged_dispatch,
+    'tiled': tiled_dispatch,
+    'pallas': pallas_dispatch,
+}
+# Backends that ignore capacity (and drop nothing).
+DROPLESS = frozenset({'ragged', 'tiled', 'pallas'})

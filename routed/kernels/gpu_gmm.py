@@ -1,0 +1,136 @@
+"""GPU (Triton) Pallas kernels for the tiled grouped matmul, with the row gather fused.
+
+Shape letters as in grouped.py: P padded rows, Tr row tile, M = P / Tr tiles, Kd
+contraction width, Nd output width, E experts; R rows of the source table (tokens
+when the gather is fused, else P); bk, bn the column blocks (powers of two: Triton
+tiles must be, so the last block of a width is masked).
+
+  gmm   one program per (row tile, bn-column block). It reads the tile's rows through
+        `src` (the source row of each padded row), so the first expert matmul
+        takes the tokens straight from x [T, D]: on a GPU a row gather costs no more
+        than a contiguous load (each row is D contiguous elements, coalesced), and
+        this saves writing and re-reading the sorted [P, D] copy. Tiles past `used`
+        return at once.
+  tgmm  one program per (expert, bk block, bn block), looping over that expert's
+        tiles (contiguous, from `expert_start`): no cross-program accumulation, no
+        atomics, and an expert without rows stores zeros.
+Padding rows (past tile_rows) are masked to 0 on load, as in the TPU kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from routed.kernels.grouped import Tiles
+
+ROW_TILE = 64   # largest Tr on GPU: a tensor-core friendly tile, with little padding
+
+
+def _pow2_block(width: int, cap: int) -> int:
+  return min(cap, max(16, pl.next_power_of_2(width)))
+
+
+def _loop(lo, hi, body, init):
+  return jax.lax.fori_loop(lo, hi, body, init)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuGmm:
+  """gmm / tgmm (and the gather-fused gmm) for grouped.grouped_matmul on GPU.
+
+  interpret: run in the Pallas interpreter (CPU tests).
+  """
+  tile: int = ROW_TILE
+  block_k: int = 32
+  block_n: int = 64
+  interpret: bool = False
+  fuses_gather = True
+
+  def _params(self):
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+  def gmm(self, lhs, rhs, tiles: Tiles, *, transpose_rhs: bool = False, src=None):
+    """out[p] = lhs[src[p]] @ rhs[e] (src None: the identity). lhs [R, Kd] -> [P, Nd]."""
+    tr = self.tile
+    p = tiles.tile_expert.shape[0] * tr
+    if src is None:
+      src = jnp.arange(p, dtype=jnp.int32)
+    kd = lhs.shape[1]
+    nd = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    bk, bn = _pow2_block(kd, self.block_k), _pow2_block(nd, self.block_n)
+
+    def kernel(expert_ref, rows_ref, used_ref, src_ref, lhs_ref, rhs_ref, out_ref):
+      i, j = pl.program_id(0), pl.program_id(1)
+
+      @pl.when(i < used_ref[0])
+      def _():
+        e = expert_ref[i]
+        valid = jax.lax.iota(jnp.int32, tr) < rows_ref[i]
+        rows = jnp.where(valid, src_ref[pl.ds(i * tr, tr)], 0)
+        cols = j * bn + jax.lax.iota(jnp.int32, bn)
+
+        def body(kb, acc):
+          ks = kb * bk + jax.lax.iota(jnp.int32, bk)
+          a = pltriton.load(lhs_ref.at[rows[:, None], ks[None, :]],
+                            mask=valid[:, None] & (ks < kd)[None, :], other=0.0)
+          if transpose_rhs:
+            w = pltriton.load(rhs_ref.at[e, cols[:, None], ks[None, :]],
+                              mask=(cols < nd)[:, None] & (ks < kd)[None, :], other=0.0)
+          else:
+            w = pltriton.load(rhs_ref.at[e, ks[:, None], cols[None, :]],
+                              mask=(ks < kd)[:, None] & (cols < nd)[None, :], other=0.0)
+          return acc + pltriton.dot(a, w, trans_b=transpose_rhs).astype(jnp.float32)
+
+        acc = _loop(0, pl.cdiv(kd, bk), body, jnp.zeros((tr, bn), jnp.float32))
+        out_rows = i * tr + jax.lax.iota(jnp.int32, tr)
+        pltriton.store(out_ref.at[out_rows[:, None], cols[None, :]],
+                       acc.astype(out_ref.dtype), mask=(cols < nd)[None, :])
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((p, nd), lhs.dtype),
+        grid=(tiles.tile_expert.shape[0], pl.cdiv(nd, bn)),
+        compiler_params=self._params(), interpret=self.interpret, name='routed_gmm_gpu',
+    )(tiles.tile_expert, tiles.tile_rows, jnp.reshape(tiles.used, (1,)), src, lhs, rhs)
+
+  def tgmm(self, lhs, dout, tiles: Tiles, num_experts: int, *, src=None):
+    """[E, Kd, Nd]: per expert, sum over its tiles of lhs[src[tile]]^T @ dout[tile]."""
+    tr = self.tile
+    m = tiles.tile_expert.shape[0]
+    if src is None:
+      src = jnp.arange(m * tr, dtype=jnp.int32)
+    kd, nd = lhs.shape[1], dout.shape[1]
+    bk, bn = _pow2_block(kd, self.block_k), _pow2_block(nd, self.block_n)
+    in_use = jnp.arange(m) < tiles.used
+    count = jnp.zeros((num_experts,), jnp.int32).at[tiles.tile_expert].add(in_use)
+    start = jnp.cumsum(count) - count
+
+    def kernel(start_ref, count_ref, rows_ref, src_ref, lhs_ref, dout_ref, out_ref):
+      e, a, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+      ks = a * bk + jax.lax.iota(jnp.int32, bk)
+      ns = b * bn + jax.lax.iota(jnp.int32, bn)
+      first = start_ref[e]
+
+      def body(t, acc):
+        valid = jax.lax.iota(jnp.int32, tr) < rows_ref[t]
+        rows = jnp.where(valid, src_ref[pl.ds(t * tr, tr)], 0)
+        x = pltriton.load(lhs_ref.at[rows[:, None], ks[None, :]],
+                          mask=valid[:, None] & (ks < kd)[None, :], other=0.0)
+        g = pltriton.load(dout_ref.at[(t * tr + jax.lax.iota(jnp.int32, tr))[:, None],
+                                      ns[None, :]],
+                          mask=valid[:, None] & (ns < nd)[None, :], other=0.0)
+        return acc + pltriton.dot(x, g, trans_a=True).astype(jnp.float32)
+
+      acc = _loop(first, first + count_ref[e], body, jnp.zeros((bk, bn), jnp.float32))
+      pltriton.store(out_ref.at[e, ks[:, None], ns[None, :]],
+                     acc.astype(out_ref.dtype), mask=(ks < kd)[:, None] & (ns < nd)[None, :])
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((num_experts, kd, nd), jnp.float32),
+        grid=(num_experts, pl.cdiv(kd, bk), pl.cdiv(nd, bn)),
+        compiler_params=self._params(), interpret=self.interpret, name='routed_tgmm_gpu',
+    )(start, count, tiles.tile_rows, src, lhs, dout)
