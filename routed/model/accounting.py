@@ -5,12 +5,16 @@ matmul parameter per token (forward 2, backward 4) plus 12 * layers * D * L per
 token for attention scores and values. "Active" counts what one token uses: the
 router and top_k experts of an MoE layer, not all E. Capacity padding, dropped tokens
 and recomputation are not model FLOPs, so MFU stays comparable across backends.
+A Mixture-of-Depths block (routed/model/mod.py) costs its share of tokens: capacity
+times its matmuls, capacity squared times its attention, plus its router for every
+token; "active" parameters still count the whole block (a token may use it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from routed.model.mod import buffer_size, mod_blocks
 from routed.model.transformer import moe_blocks
 
 
@@ -36,23 +40,36 @@ def model_size(cfg, vocab_size: int) -> ModelSize:
   attn = 4 * d * d
   norms = 2 * d
   total = active = matmul = 0
-  for is_moe in moe_blocks(cfg):
+  flop_matmul = 0.0  # matmul params weighted by the share of tokens that use them (MoD)
+  attention = 0.0    # forward attention FLOPs per token: scores + values
+  for is_moe, is_mod in zip(moe_blocks(cfg), mod_blocks(cfg)):
     if is_moe:
       e, k = moe.num_experts, min(moe.top_k, moe.num_experts)
       total += attn + norms + d * e + e * 2 * d * f
       active += attn + norms + d * e + k * 2 * d * f
-      matmul += attn + d * e + k * 2 * d * f
+      block = attn + d * e + k * 2 * d * f
     else:
       total += attn + norms + 2 * d * f
       active += attn + norms + 2 * d * f
-      matmul += attn + 2 * d * f
+      block = attn + 2 * d * f
+    matmul += block
+    # Mixture-of-Depths: a share c of the tokens runs the block, attending among
+    # c * L tokens; every token pays the router (and the causal-rule predictor).
+    c = buffer_size(cfg.mod.capacity, L) / L if is_mod else 1.0
+    p = cfg.mod.predictor_d_ff if is_mod and cfg.mod.causal_rule == 'predictor' else 0
+    extra = (d + d * p + p) if is_mod else 0   # router, predictor matrices
+    total += extra + (p + 1 if p else 0)       # predictor biases
+    active += extra + (p + 1 if p else 0)
+    matmul += extra
+    flop_matmul += c * block + extra
+    attention += 2 * d * (c * L) * c
   embed = vocab_size * d
   unembed = 0 if m.tie_embeddings else vocab_size * d
   total += embed + unembed + d
   active += embed + unembed + d
   matmul += vocab_size * d  # the logits projection, tied or not
-  attention = 2 * m.num_layers * d * L  # forward: scores + values, per token
+  flop_matmul += vocab_size * d
   return ModelSize(total_params=total, active_params=active, active_matmul_params=matmul,
-                   train_flops_per_token=6.0 * matmul + 6.0 * attention,
-                   forward_flops_per_token=2.0 * matmul + 2.0 * attention,
+                   train_flops_per_token=6.0 * flop_matmul + 6.0 * attention,
+                   forward_flops_per_token=2.0 * flop_matmul + 2.0 * attention,
                    embedding_params=embed + unembed)
