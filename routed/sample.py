@@ -146,12 +146,8 @@ def main(argv: list[str] | None = None) -> int:
   except cli.UsageError as e:
     log(f'routed.sample: {e}')
     return 2
-  from routed.model import mod  # pylint: disable=g-import-not-at-top
-  from routed.model.moe import routing_mode  # pylint: disable=g-import-not-at-top
-  mode = routing_mode(cfg, train=False)
-  if cfg.mod.enabled:
-    mode = (mode + ' | ' if cfg.moe.every else '') + mod.describe(cfg, train=False)
-  log(f'checkpoint step {step} | {mode}')
+  from routed.model.transformer import routing_mode  # pylint: disable=g-import-not-at-top
+  log(f'checkpoint step {step} | {routing_mode(cfg, train=False)}')
   new, per_token = generate(graphdef, params, prompt_ids, window=cfg.train.seq_len,
                             max_new_tokens=flags['max_new_tokens'],
                             temperature=flags['temperature'], seed=flags['seed'])

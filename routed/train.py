@@ -147,7 +147,7 @@ class Run:
     self.writer.write(self.step, row)
     line = progress_line(self.step, t.steps, row, tokens_per_s, eta)
     if 'eval/ce' in row:
-      from routed.model.moe import routing_mode  # pylint: disable=g-import-not-at-top
+      from routed.model.transformer import routing_mode  # pylint: disable=g-import-not-at-top
       line += f" | eval ce {row['eval/ce']:.4f} [{routing_mode(self.cfg, train=False)}]"
     log(line)
     return row

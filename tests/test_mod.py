@@ -206,3 +206,14 @@ def test_bad_mod_config_is_a_usage_error(key, value):
   cfg.mod[key] = value
   with pytest.raises(cli.UsageError, match=f'mod.{key}'):
     validate_model(cfg)
+
+
+def test_model_routing_mode_names_mod_and_causality():
+  from routed.model import moe  # pylint: disable=g-import-not-at-top
+  from routed.model.transformer import is_causal, routing_mode  # pylint: disable=g-import-not-at-top
+  cfg = tiny_cfg()
+  assert not is_causal(cfg, train=True) and is_causal(cfg, train=False)
+  assert 'MoD causal rule' in routing_mode(cfg, train=False)
+  assert 'MoD top-' in routing_mode(cfg, train=True)
+  cfg.mod.enabled = False
+  assert routing_mode(cfg, train=False) == moe.routing_mode(cfg, train=False)

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from routed.model.layers import MLP, Attention, RMSNorm, normal_param
+from routed.model import mod as mod_lib
+from routed.model import moe as moe_lib
 from routed.model.moe import MoELayer
 from routed.model.mod import MoDBlock, mod_blocks
 
@@ -95,3 +97,17 @@ class Transformer(nnx.Module):
 
 def build_model(cfg, vocab_size: int, seed: int) -> Transformer:
   return Transformer(cfg, vocab_size, rngs=nnx.Rngs(params=seed))
+
+
+def is_causal(cfg, train: bool) -> bool:
+  """Whether the model's output at position t depends only on tokens <= t (MoE and MoD)."""
+  return moe_lib.is_causal(cfg, train) and mod_lib.is_causal(cfg, train)
+
+
+def routing_mode(cfg, train: bool) -> str:
+  """One line saying how the whole model routes (MoE layers, MoD blocks) in training or
+  evaluation; printed with every evaluation and by routed.sample."""
+  parts = [moe_lib.routing_mode(cfg, train)] if cfg.moe.every else []
+  if cfg.mod.enabled and any(mod_blocks(cfg)):
+    parts.append(mod_lib.describe(cfg, train))
+  return ' | '.join(parts) or 'dense model (no routing)'
