@@ -46,10 +46,13 @@ def cross_entropy(logits, targets):
   return jnp.mean(token_cross_entropy(logits, targets))
 
 
-def loss_weights(moe_cfg) -> dict:
-  """Router loss name -> its weight (each loss is averaged over MoE layers)."""
-  return {'balance': moe_cfg.aux_loss_weight, 'z': moe_cfg.z_loss_weight,
-          'relu_l1': moe_cfg.relu_l1_weight, 'reinforce': moe_cfg.reinforce_weight}
+def loss_weights(cfg) -> dict:
+  """Auxiliary loss name -> its weight: the router losses (each averaged over MoE
+  layers) and the Mixture-of-Depths causal-rule loss (mod_causal.py)."""
+  moe = cfg.moe
+  return {'balance': moe.aux_loss_weight, 'z': moe.z_loss_weight,
+          'relu_l1': moe.relu_l1_weight, 'reinforce': moe.reinforce_weight,
+          'mod_causal': cfg.mod.aux_loss_weight}
 
 
 def make_loss_fn(graphdef, cfg):
@@ -60,8 +63,7 @@ def make_loss_fn(graphdef, cfg):
   the per-token cross-entropy as negative reward (routed/model/reinforce.py); it is
   a training signal only, so evaluation leaves it out.
   """
-  weights = loss_weights(cfg.moe)
-  weights['mod_causal'] = cfg.mod.aux_loss_weight  # Mixture-of-Depths causal rule (mod_causal.py)
+  weights = loss_weights(cfg)
 
   def loss_fn(params, tokens, rng, train: bool):
     model = nnx.merge(graphdef, params)

@@ -101,8 +101,7 @@ class Run:
     """Trains to cfg.train.steps; returns the last logged metrics row."""
     cfg, t = self.cfg, self.cfg.train
     if self.step >= t.steps:
-      log(f'{self.workdir}: already finished ({self.step}/{t.steps} steps); nothing to do')
-      return {}
+      return {}  # run() reports finished runs before building anything
     log(self.describe())
     log(f'training from step {self.step} to {t.steps}' +
         (' (resumed from checkpoint)' if self.step else ''))
@@ -157,8 +156,26 @@ class Run:
     self.writer.close()
 
 
+def finished_step(cfg, workdir: str) -> int | None:
+  """The latest checkpoint's step if it is already cfg.train.steps or more, else None."""
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return None
+  from routed.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=False)
+  try:
+    latest = checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+  return latest if latest is not None and latest >= cfg.train.steps else None
+
+
 def run(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run in workdir; returns the last logged metrics."""
+  done = finished_step(cfg, workdir)
+  if done is not None:
+    # Nothing to do: say so without loading data or building the model.
+    log(f'{workdir}: already finished ({done}/{cfg.train.steps} steps); nothing to do')
+    return {}
   training = Run(cfg, workdir)
   try:
     return training.train()
