@@ -111,7 +111,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.vocab_size = 4096         # SentencePiece vocabulary trained on the stdlib corpus
   c.data.vocab_path = ''           # SentencePiece model for c4; '' = the public T5 vocabulary
 
+  # The device mesh (routed/sharding.py). Axis sizes multiply to the number of devices
+  # over all processes; one of them may be -1 to take all remaining devices. The batch
+  # is split over data x fsdp x expert; parameters as sharding.PARAM_AXES says.
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                 # data-parallel mesh axis size; -1 = all remaining devices
+  c.mesh.data = -1                 # pure data parallelism: parameters replicated
+  c.mesh.fsdp = 1                  # data parallelism with parameters and optimizer state
+                                   # sharded over it (gathered for each use, ZeRO-3)
+  c.mesh.expert = 1                # expert parallelism: each device holds E / expert experts;
+                                   # tokens reach them by all-to-all (expert_parallel.py)
+  c.mesh.tensor = 1                # tensor parallelism: attention heads, MLP / expert hidden
+                                   # width and vocabulary split over it (Megatron-style)
 
   return c

@@ -86,11 +86,13 @@ def make_loss_fn(graphdef, cfg):
   return loss_fn
 
 
-def make_train_step(graphdef, cfg, optimizer):
+def make_train_step(graphdef, cfg, optimizer, layout=None):
   """Returns jit(train_step(params, opt_state, tokens, step) -> (params, opt_state, metrics)).
 
   Router noise for step s comes from fold_in(key(seed), s), so a resumed run draws the
-  same noise as an uninterrupted one.
+  same noise as an uninterrupted one. layout (train_state.Layout): compile for its
+  mesh with those input and output shardings (call and lower it inside
+  `jax.set_mesh(layout.mesh)`, which the MoE layers read); None: one device.
   """
   loss_fn = make_loss_fn(graphdef, cfg)
   schedule = learning_rate_schedule(cfg.train)
@@ -105,10 +107,14 @@ def make_train_step(graphdef, cfg, optimizer):
     metrics['learning_rate'] = schedule(step)
     return params, opt_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0, 1))
+  if layout is None:
+    return jax.jit(train_step, donate_argnums=(0, 1))
+  return jax.jit(train_step, donate_argnums=(0, 1),
+                 in_shardings=(layout.params, layout.opt_state, layout.batch, layout.replicated),
+                 out_shardings=(layout.params, layout.opt_state, layout.replicated))
 
 
-def make_eval_step(graphdef, cfg):
+def make_eval_step(graphdef, cfg, layout=None):
   """Returns jit(eval_step(params, tokens) -> metrics), routing in eval mode."""
   loss_fn = make_loss_fn(graphdef, cfg)
 
@@ -116,4 +122,7 @@ def make_eval_step(graphdef, cfg):
     _, metrics = loss_fn(params, tokens, None, False)
     return metrics
 
-  return jax.jit(eval_step)
+  if layout is None:
+    return jax.jit(eval_step)
+  return jax.jit(eval_step, in_shardings=(layout.params, layout.batch),
+                 out_shardings=layout.replicated)

@@ -17,14 +17,16 @@ import time
 
 import numpy as np
 
-from routed import cli
-from routed.validate import validate
+from routed import cli, distributed
+from routed.validate import validate, validate_mesh
 
-FLAGS = {'config': None, 'workdir': None}
+FLAGS = {'config': None, 'workdir': None, **distributed.FLAGS}
+QUIET = []  # set on processes other than 0: only process 0 reports progress
 
 
-def log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
+def log(message: str, *, always: bool = False) -> None:
+  if always or not QUIET:
+    print(message, file=sys.stderr, flush=True)
 
 
 def mean_metrics(history: list[dict], prefix: str) -> dict:
@@ -45,25 +47,24 @@ class Run:
   def __init__(self, cfg, workdir: str):
     # Heavy imports here, after the command line and config were checked.
     import jax  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
     from routed import step as step_lib  # pylint: disable=g-import-not-at-top
     from routed.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
     from routed.data import load_dataset  # pylint: disable=g-import-not-at-top
     from routed.model.accounting import model_size  # pylint: disable=g-import-not-at-top
-    from routed.model.transformer import build_model  # pylint: disable=g-import-not-at-top
     from routed.reporting import MetricsWriter  # pylint: disable=g-import-not-at-top
+    from routed.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+    from routed.train_state import create_state  # pylint: disable=g-import-not-at-top
 
     self.cfg, self.workdir = cfg, workdir
     os.makedirs(workdir, exist_ok=True)
     self.lead = jax.process_index() == 0
     self.data = load_dataset(cfg.data, cfg.train.seq_len)
-    model = build_model(cfg, self.data.vocab_size, cfg.train.seed)
-    graphdef, state = nnx.split(model, nnx.Param)
-    self.params = nnx.to_pure_dict(state)
     optimizer = step_lib.make_optimizer(cfg.train)
-    self.opt_state = optimizer.init(self.params)
-    self.train_step = step_lib.make_train_step(graphdef, cfg, optimizer)
-    self.eval_step = step_lib.make_eval_step(graphdef, cfg)
+    self.mesh = make_mesh(cfg.mesh)
+    graphdef, self.params, self.opt_state, self.layout = create_state(
+        cfg, self.data.vocab_size, self.mesh, optimizer)
+    self.train_step = step_lib.make_train_step(graphdef, cfg, optimizer, self.layout)
+    self.eval_step = step_lib.make_eval_step(graphdef, cfg, self.layout)
     self.size = model_size(cfg, self.data.vocab_size)
     self.checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
                                      async_save=cfg.checkpoint.async_save)
@@ -71,6 +72,7 @@ class Run:
     self.step = 0
     latest = self.checkpointer.latest_step()
     if latest is not None:
+      # Restored onto this run's mesh, whatever mesh wrote it.
       self.params, self.opt_state, _ = self.checkpointer.restore(
           latest, self.params, self.opt_state)
       self.step = latest
@@ -90,8 +92,15 @@ class Run:
     if self._eval_batches is None:
       self._eval_batches = self.data.eval_batches(
           ecfg.num_batches, ecfg.batch_size or self.cfg.train.batch_size)
-    history = [self.eval_step(self.params, batch) for batch in self._eval_batches]
+    import jax  # pylint: disable=g-import-not-at-top
+    with jax.set_mesh(self.mesh):
+      history = [self.eval_step(self.params, self.on_mesh(batch)) for batch in self._eval_batches]
     return mean_metrics(history, 'eval')
+
+  def on_mesh(self, batch):
+    """A host batch [B, L + 1] (the same on every process) -> the global array."""
+    from routed.sharding import global_batch  # pylint: disable=g-import-not-at-top
+    return global_batch(batch, self.layout.batch)
 
   def save(self) -> None:
     self.checkpointer.save(self.step, self.params, self.opt_state,
@@ -99,6 +108,7 @@ class Run:
 
   def train(self) -> dict:
     """Trains to cfg.train.steps; returns the last logged metrics row."""
+    import jax  # pylint: disable=g-import-not-at-top
     cfg, t = self.cfg, self.cfg.train
     if self.step >= t.steps:
       return {}  # run() reports finished runs before building anything
@@ -108,9 +118,10 @@ class Run:
     history, row = [], {}
     clock = None  # (start time, steps since then), started after the first step
     while self.step < t.steps:
-      batch = self.data.train_batch(self.step, t.batch_size, t.seed)
-      self.params, self.opt_state, metrics = self.train_step(
-          self.params, self.opt_state, batch, self.step)
+      batch = self.on_mesh(self.data.train_batch(self.step, t.batch_size, t.seed))
+      with jax.set_mesh(self.mesh):
+        self.params, self.opt_state, metrics = self.train_step(
+            self.params, self.opt_state, batch, self.step)
       self.step += 1
       if clock is None:
         # The first step includes compilation: start the clock after it.
@@ -188,14 +199,19 @@ def main(argv: list[str] | None = None) -> int:
   try:
     cfg, flags = cli.parse(argv, FLAGS)
     validate(cfg, flags['workdir'])
+    distributed.initialize(flags)
+    import jax  # pylint: disable=g-import-not-at-top
+    validate_mesh(cfg, jax.device_count())
   except cli.UsageError as e:
-    log(f'routed.train: {e}')
+    log(f'routed.train: {e}', always=True)
     return 2
+  if jax.process_index() != 0:
+    QUIET.append(True)
   from routed.data import DataError  # pylint: disable=g-import-not-at-top
   try:
     final = run(cfg, flags['workdir'])
   except DataError as e:
-    log(f'routed.train: {e}')
+    log(f'routed.train: {e}', always=True)
     return 2
   if final:
     log('done: ' + json.dumps({k: round(float(np.mean(v)), 4) for k, v in final.items()

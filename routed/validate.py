@@ -150,6 +150,22 @@ def validate_workdir(workdir: str) -> None:
     raise UsageError(f'--workdir: {target} is not writable')
 
 
+def validate_mesh(cfg, num_devices: int) -> None:
+  """The mesh against the devices there are (known once the processes have joined)."""
+  from routed.sharding import RULES, mesh_shape  # pylint: disable=g-import-not-at-top
+  sizes = mesh_shape(cfg.mesh, num_devices)
+  shards = 1
+  for axis in RULES['batch']:
+    shards *= sizes[axis]
+  eval_size = cfg.eval.batch_size or cfg.train.batch_size
+  for key, size in (('train.batch_size', cfg.train.batch_size), ('eval.batch_size', eval_size)):
+    require(size % shards == 0, key, f'{size} sequences do not split over the {shards} batch '
+            f'shards of the mesh (mesh.data x mesh.fsdp x mesh.expert)')
+  expert = sizes['expert']
+  require(cfg.moe.every == 0 or cfg.moe.num_experts % expert == 0, 'moe.num_experts',
+          f'{cfg.moe.num_experts} experts do not split over mesh.expert={expert} devices')
+
+
 def validate(cfg, workdir: str | None = None) -> None:
   """Raises UsageError for the first problem found in cfg (and the workdir)."""
   # Imported here: routed.data pulls in the data stack only when it must.

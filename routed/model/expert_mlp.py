@@ -24,7 +24,8 @@ def expert_weights(experts):
   return wi, wo, experts.act
 
 
-def _batched(buffers, wi, wo, act):
+def batched_experts(buffers, wi, wo, act):
+  """buffers [E, R, D] -> [E, R, D] as one batched matmul pair."""
   h = act(jnp.einsum('erd,edf->erf', buffers, wi))
   return jnp.einsum('erf,efd->erd', h, wo)
 
@@ -40,13 +41,21 @@ def _scanned(buffers, wi, wo, act):
   return jax.lax.scan(body, None, (buffers, wi, wo))[1]
 
 
+def _apply(buffers, wi, wo, act):
+  buffers = buffers.astype(wi.dtype)
+  return jax.lax.platform_dependent(buffers, wi, wo,
+                                    cpu=functools.partial(_scanned, act=act),
+                                    default=functools.partial(batched_experts, act=act))
+
+
 def apply_experts(buffers, experts):
   """buffers [E, R, D] -> [E, R, D]: expert e's MLP on each of its R rows.
 
   One batched matmul pair on TPU/GPU; a scan over experts on CPU (faster there).
+  Experts split over a mesh (expert_parallel.ExpertShard) exchange the buffers with
+  the devices that hold them.
   """
-  wi, wo, act = expert_weights(experts)
-  buffers = buffers.astype(wi.dtype)
-  return jax.lax.platform_dependent(buffers, wi, wo,
-                                    cpu=functools.partial(_scanned, act=act),
-                                    default=functools.partial(_batched, act=act))
+  exchange = getattr(experts, 'exchange', None)
+  if exchange is not None:
+    return exchange(buffers, _apply)
+  return _apply(buffers, *expert_weights(experts))

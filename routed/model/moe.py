@@ -12,6 +12,7 @@ from flax import nnx
 
 from routed.model import dispatch as dispatch_lib
 from routed.model.expert_choice import ExpertChoiceRouter
+from routed.model.expert_parallel import dispatch_on_mesh
 from routed.model.hash_router import HashRouter
 from routed.model.layers import ACTIVATIONS, MLP, normal_param
 from routed.model.reinforce import ReinforceRouter
@@ -87,10 +88,13 @@ class MoELayer(nnx.Module):
                       activation=activation, init_std=init_std, dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs) if moe_cfg.num_shared_experts else None
     self.dispatch = dispatch_lib.DISPATCHERS[moe_cfg.dispatch]
+    self.dropless = moe_cfg.dispatch in dispatch_lib.DROPLESS
 
   def __call__(self, x, *, train: bool, rng=None, token_ids=None):
     decision, losses, metrics = self.router(x, train=train, rng=rng, token_ids=token_ids)
-    y = self.dispatch(x.astype(self.experts.dtype), decision, self.experts)
+    # Per device under a mesh, exchanging tokens with the experts' devices.
+    y = dispatch_on_mesh(self.dispatch, x.astype(self.experts.dtype), decision, self.experts,
+                         dropless=self.dropless)
     if self.shared is not None:
       y = y + self.shared(x)[0]
     return y, {'losses': losses, 'metrics': metrics}

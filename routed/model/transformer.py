@@ -17,8 +17,10 @@ from routed.model import mod as mod_lib
 from routed.model import moe as moe_lib
 from routed.model.moe import MoELayer
 from routed.model.mod import MoDBlock, mod_blocks
+from routed.sharding import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+RESIDUAL = ('batch', None, None)  # logical dims of the residual stream [B, L, D]
 
 
 def moe_blocks(cfg) -> list[bool]:
@@ -80,12 +82,14 @@ class Transformer(nnx.Module):
     losses, metrics = {}, {}
     for i, block in enumerate(self.blocks):
       block_rng = None if rng is None else jax.random.fold_in(rng, i)
+      # The residual stream stays split by sequence over the mesh's batch axes.
+      x = constrain(x, RESIDUAL)
       x, aux = block(x, positions, train=train, rng=block_rng, token_ids=tokens)
       for name, value in aux.get('losses', {}).items():
         losses.setdefault(name, []).append(value)
       for name, value in aux.get('metrics', {}).items():
         metrics[f'layer{i}/{name}'] = value
-    x = self.final_norm(x)
+    x = self.final_norm(constrain(x, RESIDUAL))
     if self.tie_embeddings:
       logits = jnp.einsum('bld,vd->blv', x, self.embed[...].astype(self.dtype))
     else:
