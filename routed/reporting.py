@@ -3,15 +3,19 @@
 metrics.jsonl has one JSON object per logged step: always `step`, `train/loss` and
 `train/ce`; `eval/ce` on evaluation steps; vector metrics (per-expert load) as lists.
 A resumed run first drops rows past its checkpoint, so the file reads as one run.
+WORKDIR may be gs://: object stores cannot append, so there each write rewrites the
+file (small: one row per log line), and TensorBoard events are written for local
+workdirs only.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
+
+from routed.checkpoint import workdir_path
 
 
 def to_python(value):
@@ -24,31 +28,36 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = workdir_path(workdir) / 'metrics.jsonl'
+    self.remote = '://' in workdir
     self._tb = None
-    if enabled:
+    if enabled and not self.remote:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(str(workdir_path(workdir) / 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
     """Drops rows with a step past `step` (written after the checkpoint we resume from)."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not self.path.exists():
       return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip()]
+    rows = [line + '\n' for line in self.path.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line)['step'] <= step]
     if len(kept) != len(rows):
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
+      tmp = self.path.parent / (self.path.name + '.tmp')
+      tmp.write_text(''.join(kept))
+      tmp.replace(self.path)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     row = {'step': step, **{k: to_python(v) for k, v in metrics.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    line = json.dumps(row) + '\n'
+    if self.remote:
+      self.path.write_text((self.path.read_text() if self.path.exists() else '') + line)
+    else:
+      with self.path.open('a') as f:
+        f.write(line)
+    if self._tb is None:
+      return
     for name, value in row.items():
       if name == 'step':
         continue

@@ -101,11 +101,17 @@ def make_train_step(graphdef, cfg, optimizer, layout=None):
   def train_step(params, opt_state, tokens, step):
     rng = jax.random.fold_in(base_key, step)
     grads, metrics = jax.grad(loss_fn, has_aux=True)(params, tokens, rng, True)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
     metrics['learning_rate'] = schedule(step)
-    return params, opt_state, metrics
+    # A step with a non-finite loss or gradient is not applied, so no bad value ever
+    # reaches the state (or a checkpoint); the trainer stops or goes on (train.nonfinite).
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    keep = lambda new, old: jnp.where(finite, new, old)
+    metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
+    return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state),
+            metrics)
 
   if layout is None:
     return jax.jit(train_step, donate_argnums=(0, 1))

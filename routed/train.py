@@ -11,7 +11,6 @@ one line on stderr.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -48,7 +47,7 @@ class Run:
     # Heavy imports here, after the command line and config were checked.
     import jax  # pylint: disable=g-import-not-at-top
     from routed import step as step_lib  # pylint: disable=g-import-not-at-top
-    from routed.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+    from routed.checkpoint import Checkpointer, workdir_path  # pylint: disable=g-import-not-at-top
     from routed.data import load_dataset  # pylint: disable=g-import-not-at-top
     from routed.model.accounting import model_size  # pylint: disable=g-import-not-at-top
     from routed.reporting import MetricsWriter  # pylint: disable=g-import-not-at-top
@@ -56,7 +55,7 @@ class Run:
     from routed.train_state import create_state  # pylint: disable=g-import-not-at-top
 
     self.cfg, self.workdir = cfg, workdir
-    os.makedirs(workdir, exist_ok=True)
+    workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     self.lead = jax.process_index() == 0
     self.data = load_dataset(cfg.data, cfg.train.seq_len)
     optimizer = step_lib.make_optimizer(cfg.train)
@@ -70,17 +69,17 @@ class Run:
                                      async_save=cfg.checkpoint.async_save)
     self.writer = MetricsWriter(workdir, enabled=self.lead)
     self.step = 0
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      # Restored onto this run's mesh, whatever mesh wrote it.
-      self.params, self.opt_state, _ = self.checkpointer.restore(
-          latest, self.params, self.opt_state)
-      self.step = latest
+    # Restored onto this run's mesh, whatever mesh wrote it; an unreadable latest
+    # checkpoint is reported, set aside, and the one before it restored.
+    restored = self.checkpointer.restore_latest(
+        self.params, self.opt_state, lambda line: log(f'routed.train: {line}', always=True))
+    if restored is not None:
+      self.step, self.params, self.opt_state = restored
     self.writer.truncate_after(self.step)
     if self.lead:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(cfg.to_json(indent=2))
+      (workdir_path(workdir) / 'config.json').write_text(cfg.to_json(indent=2))
     self._eval_batches = None
+    self.preempted = False
 
   def describe(self) -> str:
     s = self.size
@@ -107,8 +106,10 @@ class Run:
                            {'seed': self.cfg.train.seed})
 
   def train(self) -> dict:
-    """Trains to cfg.train.steps; returns the last logged metrics row."""
+    """Trains to cfg.train.steps, or until SIGTERM (then saves and returns); returns the
+    last logged metrics row. Raises NonFiniteError (train.nonfinite=stop) and SaveError."""
     import jax  # pylint: disable=g-import-not-at-top
+    from routed.preemption import NonFiniteWatch, StopRequest  # pylint: disable=g-import-not-at-top
     cfg, t = self.cfg, self.cfg.train
     if self.step >= t.steps:
       return {}  # run() reports finished runs before building anything
@@ -117,26 +118,38 @@ class Run:
         (' (resumed from checkpoint)' if self.step else ''))
     history, row = [], {}
     clock = None  # (start time, steps since then), started after the first step
-    while self.step < t.steps:
-      batch = self.on_mesh(self.data.train_batch(self.step, t.batch_size, t.seed))
-      with jax.set_mesh(self.mesh):
-        self.params, self.opt_state, metrics = self.train_step(
-            self.params, self.opt_state, batch, self.step)
-      self.step += 1
-      if clock is None:
-        # The first step includes compilation: start the clock after it.
-        metrics['loss'].block_until_ready()
-        clock = (time.perf_counter(), 0)
-      else:
-        clock = (clock[0], clock[1] + 1)
-        history.append(metrics)
-      is_last = self.step == t.steps
-      do_eval = cfg.eval.every_steps > 0 and (self.step % cfg.eval.every_steps == 0 or is_last)
-      if self.step % t.log_every == 0 or do_eval or is_last:
-        row = self.log_row(history or [metrics], clock, do_eval)
-        history, clock = [], (time.perf_counter(), 0)
-      if self.step % cfg.checkpoint.every_steps == 0 or is_last:
-        self.save()
+    watch = NonFiniteWatch(t.nonfinite, lambda line: log(f'routed.train: {line}'))
+    with StopRequest() as stop:
+      while self.step < t.steps:
+        batch = self.on_mesh(self.data.train_batch(self.step, t.batch_size, t.seed))
+        with jax.set_mesh(self.mesh):
+          self.params, self.opt_state, metrics = self.train_step(
+              self.params, self.opt_state, batch, self.step)
+        self.step += 1
+        watch.add(self.step, metrics['skipped'])
+        if clock is None:
+          # The first step includes compilation: start the clock after it.
+          metrics['loss'].block_until_ready()
+          clock = (time.perf_counter(), 0)
+        else:
+          clock = (clock[0], clock[1] + 1)
+          history.append(metrics)
+        is_last = self.step == t.steps
+        preempted = stop.requested(self.step)
+        do_eval = cfg.eval.every_steps > 0 and (self.step % cfg.eval.every_steps == 0 or is_last)
+        if self.step % t.log_every == 0 or do_eval or is_last or preempted:
+          watch.check()
+          row = self.log_row(history or [metrics], clock, do_eval and not preempted)
+          history, clock = [], (time.perf_counter(), 0)
+        if self.step % cfg.checkpoint.every_steps == 0 or is_last or preempted:
+          watch.check()  # never save a run that should have stopped
+          self.save()
+        if preempted:
+          self.checkpointer.wait()
+          log(f'routed.train: SIGTERM: saved checkpoint {self.step} and stopped; run the same '
+              'command to resume', always=True)
+          self.preempted = True
+          break
     return row
 
   def log_row(self, history: list[dict], clock, do_eval: bool) -> dict:
@@ -169,9 +182,9 @@ class Run:
 
 def finished_step(cfg, workdir: str) -> int | None:
   """The latest checkpoint's step if it is already cfg.train.steps or more, else None."""
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  from routed.checkpoint import Checkpointer, workdir_path  # pylint: disable=g-import-not-at-top
+  if not (workdir_path(workdir) / 'checkpoints').is_dir():
     return None
-  from routed.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=False)
   try:
     latest = checkpointer.latest_step()
@@ -189,9 +202,10 @@ def run(cfg, workdir: str) -> dict:
     return {}
   training = Run(cfg, workdir)
   try:
-    return training.train()
+    row = training.train()
   finally:
     training.close()
+  return {} if training.preempted else row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,12 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   if jax.process_index() != 0:
     QUIET.append(True)
+  from routed.checkpoint import SaveError  # pylint: disable=g-import-not-at-top
   from routed.data import DataError  # pylint: disable=g-import-not-at-top
+  from routed.preemption import NonFiniteError  # pylint: disable=g-import-not-at-top
   try:
     final = run(cfg, flags['workdir'])
   except DataError as e:
     log(f'routed.train: {e}', always=True)
     return 2
+  except (NonFiniteError, SaveError) as e:
+    log(f'routed.train: {e}', always=True)
+    return 1
+  except OSError as e:  # writing metrics or the config: full disk, lost permissions
+    log(f'routed.train: could not write to {flags["workdir"]}: {e}; checkpoints already '
+        'written are intact', always=True)
+    return 1
   if final:
     log('done: ' + json.dumps({k: round(float(np.mean(v)), 4) for k, v in final.items()
                                if k in ('train/ce', 'eval/ce', 'train/tokens_per_s')}))

@@ -7,6 +7,7 @@ config key (or path) and what is wrong; the entry points print it and exit with 
 from __future__ import annotations
 
 import os
+import tempfile
 
 from routed.cli import UsageError
 from routed.model.dispatch import DISPATCHERS
@@ -126,6 +127,7 @@ def validate_training(cfg) -> None:
   require(t.grad_clip >= 0, 'train.grad_clip', f'must be >= 0, got {t.grad_clip}')
   require(t.log_every >= 1, 'train.log_every', f'must be >= 1, got {t.log_every}')
   require(t.peak_flops >= 0, 'train.peak_flops', f'must be >= 0, got {t.peak_flops}')
+  one_of(t.nonfinite, ('stop', 'skip'), 'train.nonfinite')
   require(cfg.eval.every_steps >= 0, 'eval.every_steps', f'must be >= 0, got {cfg.eval.every_steps}')
   require(cfg.eval.num_batches >= 1, 'eval.num_batches', f'must be >= 1, got {cfg.eval.num_batches}')
   require(cfg.eval.batch_size >= 0, 'eval.batch_size', f'must be >= 0, got {cfg.eval.batch_size}')
@@ -138,6 +140,10 @@ def validate_training(cfg) -> None:
 
 
 def validate_workdir(workdir: str) -> None:
+  """A local workdir must be a directory we can write (probed by writing a file, which
+  also catches read-only filesystems); a gs:// one is checked when first written."""
+  if '://' in workdir:
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UsageError(f'--workdir: {workdir} exists and is not a directory')
   parent = os.path.dirname(os.path.abspath(workdir))
@@ -146,8 +152,12 @@ def validate_workdir(workdir: str) -> None:
   if not os.path.isdir(parent):
     raise UsageError(f'--workdir: {parent} is not a directory')
   target = workdir if os.path.exists(workdir) else parent
-  if not os.access(target, os.W_OK | os.X_OK):
-    raise UsageError(f'--workdir: {target} is not writable')
+  try:
+    with tempfile.TemporaryFile(dir=target) as probe:
+      probe.write(b'routed')
+      probe.flush()
+  except OSError as e:
+    raise UsageError(f'--workdir: {target} is not writable ({e.strerror or e})') from None
 
 
 def validate_mesh(cfg, num_devices: int) -> None:

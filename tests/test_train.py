@@ -104,36 +104,76 @@ def test_checkpoint_round_trip(tmp_path):
   assert meta == {'step': 7, 'data_position': 7, 'seed': 3}
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(mini_data_cfg, tmp_path):
-  """A run killed with SIGKILL and started again ends with identical parameters."""
-  overrides = {'train.steps': 40, 'checkpoint.every_steps': 4, 'checkpoint.keep': 20,
+INTERRUPTED = {'train.steps': 40, 'checkpoint.every_steps': 4, 'checkpoint.keep': 20,
                'eval.every_steps': 0}
-  straight = str(tmp_path / 'straight')
-  assert train_main(tiny_args(mini_data_cfg, straight, **overrides)) == 0
 
-  killed = str(tmp_path / 'killed')
-  args = tiny_args(mini_data_cfg, killed, **overrides)
+
+@pytest.fixture(scope='module')
+def straight_run(mini_data_cfg, tmp_path_factory):
+  """An uninterrupted 40-step run: the reference of the interrupted ones."""
+  straight = str(tmp_path_factory.mktemp('straight'))
+  args = tiny_args(mini_data_cfg, straight, **INTERRUPTED)
+  assert train_main(args) == 0
+  return straight, args
+
+
+def start_and_wait_for_checkpoint(args, workdir, min_step):
+  """Starts routed.train in a subprocess; returns it once checkpoint >= min_step exists."""
   proc = subprocess.Popen([sys.executable, '-m', 'routed.train'] + args, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  ckpt_dir = os.path.join(killed, 'checkpoints')
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-    if steps and max(steps) >= 12:
+    if steps and max(steps) >= min_step:
       break
     time.sleep(0.05)
-  assert proc.poll() is None, 'the run finished before it could be killed: ' + proc.stderr.read()
+  assert proc.poll() is None, 'the run finished before it could be stopped: ' + proc.stderr.read()
+  return proc
+
+
+def assert_resumes_to_straight(straight_run, workdir, args):
+  assert train_main(args) == 0  # the same command again
+  step_a, a = final_params(straight_run[0], args)
+  step_b, b = final_params(workdir, args)
+  assert step_a == step_b == 40
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  # metrics.jsonl reads as one run: no step logged twice.
+  steps = [r['step'] for r in read_metrics(workdir)]
+  assert steps == sorted(set(steps))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(mini_data_cfg, tmp_path, straight_run):
+  """A run killed with SIGKILL and started again ends with identical parameters."""
+  killed = str(tmp_path / 'killed')
+  args = tiny_args(mini_data_cfg, killed, **INTERRUPTED)
+  proc = start_and_wait_for_checkpoint(args, killed, 12)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   step_at_kill, _ = final_params(killed, args)
   assert 12 <= step_at_kill < 40
+  assert_resumes_to_straight(straight_run, killed, args)
 
-  assert train_main(args) == 0  # the same command again
-  step_a, a = final_params(straight, args)
-  step_b, b = final_params(killed, args)
-  assert step_a == step_b == 40
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-  # metrics.jsonl reads as one run: no step logged twice.
-  steps = [r['step'] for r in read_metrics(killed)]
-  assert steps == sorted(set(steps))
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_zero_and_resumes(mini_data_cfg, tmp_path, straight_run):
+  """SIGTERM (preemption): the step in flight finishes, a checkpoint of exactly that
+  step is saved, the process exits 0 within seconds; the same command resumes and
+  ends with the uninterrupted run's parameters."""
+  stopped = str(tmp_path / 'stopped')
+  args = tiny_args(mini_data_cfg, stopped, **INTERRUPTED)
+  proc = start_and_wait_for_checkpoint(args, stopped, 8)
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signal.SIGTERM)  # a second one (SLURM's requeue path) changes nothing
+  _, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == 0, stderr[-2000:]
+  assert time.time() - sent < 30
+  saved = [l for l in stderr.splitlines() if 'SIGTERM: saved checkpoint' in l]
+  assert len(saved) == 1, stderr[-2000:]
+  step_at_stop, _ = final_params(stopped, args)
+  assert f'saved checkpoint {step_at_stop} ' in saved[0]
+  assert 8 <= step_at_stop < 40
+  assert 'done:' not in stderr
+  assert_resumes_to_straight(straight_run, stopped, args)
