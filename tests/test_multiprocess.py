@@ -4,9 +4,11 @@ job, save one checkpoint together, and a single process continues it on another 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -81,3 +83,29 @@ def test_two_processes_train_save_and_one_process_continues(tmp_path, mini_data_
   assert_same(read_metrics(resumed), reference, range(1, 7))
   with open(resumed / 'config.json') as f:
     assert json.load(f)['mesh']['data'] == -1
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, mini_data_cfg):
+  """Preemption notices may reach one host first: jax.distributed's preemption sync
+  point makes every process stop after the same step and save together."""
+  port = free_port()
+  workdir = tmp_path / 'run'
+  procs = [subprocess.Popen(
+      args(mini_data_cfg, workdir, 5000, data=2, expert=2), cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True,
+      env=env(XLA_FLAGS='--xla_force_host_platform_device_count=2',
+              ROUTED_COORDINATOR=f'127.0.0.1:{port}', ROUTED_NUM_PROCESSES='2',
+              ROUTED_PROCESS_ID=str(i)))
+           for i in range(2)]
+  deadline = time.time() + 300
+  while time.time() < deadline and not (workdir / 'metrics.jsonl').exists():
+    time.sleep(0.2)
+  time.sleep(2)
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=120)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+  steps = os.listdir(workdir / 'checkpoints')
+  assert len(steps) == 1 and 0 < int(steps[0]) < 5000, steps
+  for out in outputs:
+    assert f'SIGTERM: saved checkpoint {steps[0]} and stopped' in out
