@@ -40,6 +40,17 @@ def env(**extra):
   return out
 
 
+def start_two_processes(command):
+  """The same routed.train command as processes 0 and 1 of one job, 2 CPU devices each."""
+  port = free_port()
+  return [subprocess.Popen(
+      command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=env(XLA_FLAGS='--xla_force_host_platform_device_count=2',
+              ROUTED_COORDINATOR=f'127.0.0.1:{port}', ROUTED_NUM_PROCESSES='2',
+              ROUTED_PROCESS_ID=str(i)))
+          for i in range(2)]
+
+
 def assert_same(rows, reference, steps):
   by_step = {r['step']: r for r in reference}
   assert [r['step'] for r in rows] == list(steps)
@@ -50,15 +61,8 @@ def assert_same(rows, reference, steps):
 
 @pytest.mark.slow
 def test_two_processes_train_save_and_one_process_continues(tmp_path, mini_data_cfg):
-  port = free_port()
   two = tmp_path / 'two_processes'
-  procs = [subprocess.Popen(
-      args(mini_data_cfg, two, 4, data=2, expert=2), cwd=ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True,
-      env=env(XLA_FLAGS='--xla_force_host_platform_device_count=2',
-              ROUTED_COORDINATOR=f'127.0.0.1:{port}', ROUTED_NUM_PROCESSES='2',
-              ROUTED_PROCESS_ID=str(i)))
-           for i in range(2)]
+  procs = start_two_processes(args(mini_data_cfg, two, 4, data=2, expert=2))
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
@@ -89,15 +93,8 @@ def test_two_processes_train_save_and_one_process_continues(tmp_path, mini_data_
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, mini_data_cfg):
   """Preemption notices may reach one host first: jax.distributed's preemption sync
   point makes every process stop after the same step and save together."""
-  port = free_port()
   workdir = tmp_path / 'run'
-  procs = [subprocess.Popen(
-      args(mini_data_cfg, workdir, 5000, data=2, expert=2), cwd=ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True,
-      env=env(XLA_FLAGS='--xla_force_host_platform_device_count=2',
-              ROUTED_COORDINATOR=f'127.0.0.1:{port}', ROUTED_NUM_PROCESSES='2',
-              ROUTED_PROCESS_ID=str(i)))
-           for i in range(2)]
+  procs = start_two_processes(args(mini_data_cfg, workdir, 5000, data=2, expert=2))
   deadline = time.time() + 300
   while time.time() < deadline and not (workdir / 'metrics.jsonl').exists():
     time.sleep(0.2)
