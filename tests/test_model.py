@@ -148,13 +148,42 @@ def test_experts_apply_their_own_weights():
     np.testing.assert_allclose(y[e], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('every,tie', [(2, True), (0, False), (1, True)])
-def test_parameter_count_matches_accounting(every, tie):
+@pytest.mark.parametrize('every,tie,moe', [
+    (2, True, {}), (0, False, {}), (1, True, {}),
+    (2, True, {'router': 'topk', 'top_k': 2, 'num_null_experts': 2}),
+    (2, True, {'expert_d_ff': 24, 'num_shared_experts': 2}),
+    (2, True, {'router': 'expert_choice'}), (2, True, {'router': 'soft', 'slots_per_expert': 2}),
+    (2, True, {'router': 'hash'}), (2, True, {'router': 'sbase'}),
+    (2, True, {'router': 'reinforce'})])
+def test_parameter_count_matches_accounting(every, tie, moe):
   cfg = tiny_config(every=every)
   cfg.model.tie_embeddings = tie
+  cfg.moe.update(moe)
   model = build_model(cfg, VOCAB, seed=0)
   counted = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert model_size(cfg, VOCAB).total_params == counted
+
+
+def test_flops_follow_what_each_router_runs():
+  """Per MoE layer and token: expert choice runs E * C / S expert MLPs, Soft MoE
+  E * P / S plus its token mixing, hash no router matmul."""
+  base = tiny_config()
+  d, f, e, s = base.model.d_model, base.model.d_ff, base.moe.num_experts, base.train.seq_len
+  switch = model_size(base, VOCAB).train_flops_per_token
+  expert = 2 * d * f
+
+  def flops(**moe):
+    cfg = tiny_config()
+    cfg.moe.update(moe)
+    return model_size(cfg, VOCAB).train_flops_per_token
+
+  assert flops(router='hash') == switch - 6 * d * e
+  c = -(-2 * s // e)  # ceil(cf * S / E), cf 2
+  assert flops(router='expert_choice', capacity_factor=2.0) == pytest.approx(
+      switch + 6 * (e * c / s - 1) * expert)
+  assert flops(router='soft', slots_per_expert=2) == pytest.approx(
+      switch + 6 * (3 * d * e * 2 - d * e) + 6 * (e * 2 / s - 1) * expert)
+  assert flops(num_shared_experts=1) == switch + 6 * expert
 
 
 def test_dense_and_switch_have_matched_active_flops():

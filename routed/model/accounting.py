@@ -3,7 +3,9 @@
 Model FLOPs follow the PaLM convention: a training step costs 6 FLOPs per active
 matmul parameter per token (forward 2, backward 4) plus 12 * layers * D * L per
 token for attention scores and values. "Active" counts what one token uses: the
-router and top_k experts of an MoE layer, not all E. Capacity padding, dropped tokens
+router, the shared experts and the expert MLPs it is run through on average (each
+router declares that, `RouterBase.cost`: top_k for token choice, E * C / S for
+expert choice, E * P / S for Soft MoE), not all E. Capacity padding, dropped tokens
 and recomputation are not model FLOPs, so MFU stays comparable across backends.
 A Mixture-of-Depths block (routed/model/mod.py) costs its share of tokens: capacity
 times its matmuls, capacity squared times its attention, plus its router for every
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from routed.model.mod import buffer_size, mod_blocks
+from routed.model.moe import ROUTERS
 from routed.model.transformer import moe_blocks
 
 
@@ -39,15 +42,19 @@ def model_size(cfg, vocab_size: int) -> ModelSize:
   d, f, L = m.d_model, m.d_ff, cfg.train.seq_len
   attn = 4 * d * d
   norms = 2 * d
-  total = active = matmul = 0
+  total = active = 0
+  matmul = 0.0
   flop_matmul = 0.0  # matmul params weighted by the share of tokens that use them (MoD)
   attention = 0.0    # forward attention FLOPs per token: scores + values
   for is_moe, is_mod in zip(moe_blocks(cfg), mod_blocks(cfg)):
     if is_moe:
-      e, k = moe.num_experts, min(moe.top_k, moe.num_experts)
-      total += attn + norms + d * e + e * 2 * d * f
-      active += attn + norms + d * e + k * 2 * d * f
-      block = attn + d * e + k * 2 * d * f
+      cost = ROUTERS[moe.router].cost(moe, d, L)
+      expert = 2 * d * (moe.expert_d_ff or f)
+      shared = moe.num_shared_experts * expert
+      fixed = attn + norms + cost.params + shared
+      total += fixed + moe.num_experts * expert
+      active += fixed + round(min(cost.expert_rows, moe.num_experts) * expert)
+      block = attn + cost.matmul_params + shared + cost.expert_rows * expert
     else:
       total += attn + norms + 2 * d * f
       active += attn + norms + 2 * d * f
@@ -69,7 +76,7 @@ def model_size(cfg, vocab_size: int) -> ModelSize:
   active += embed + unembed + d
   matmul += vocab_size * d  # the logits projection, tied or not
   flop_matmul += vocab_size * d
-  return ModelSize(total_params=total, active_params=active, active_matmul_params=matmul,
+  return ModelSize(total_params=total, active_params=active, active_matmul_params=round(matmul),
                    train_flops_per_token=6.0 * flop_matmul + 6.0 * attention,
                    forward_flops_per_token=2.0 * flop_matmul + 2.0 * attention,
                    embedding_params=embed + unembed)

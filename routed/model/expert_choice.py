@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from routed.model.routers import Router, Routing, entropy, expert_capacity, router_z_loss
+from routed.model.routers import (Router, RouterCost, Routing, entropy, expert_capacity,
+                                  router_z_loss)
 
 
 class ExpertChoiceRouter(Router):
@@ -29,6 +30,13 @@ class ExpertChoiceRouter(Router):
   """
   causal = False
   summary = 'expert choice: each expert takes its top-C tokens of the sequence'
+
+  @classmethod
+  def cost(cls, moe_cfg, d_model: int, group_size: int) -> RouterCost:
+    e = moe_cfg.num_experts
+    c = expert_capacity(group_size, e, 1, moe_cfg.capacity_factor)
+    return RouterCost(params=d_model * e, matmul_params=d_model * e,
+                      expert_rows=e * c / group_size)
 
   def capacity(self, group_size: int, train: bool) -> int:
     cf = self.capacity_factor if train else self.eval_capacity_factor

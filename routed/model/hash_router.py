@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from routed.model.routers import RouterBase, Routing, expert_capacity, slots_in_order
+from routed.model.routers import RouterBase, RouterCost, Routing, expert_capacity, slots_in_order
 
 # Knuth's multiplicative hash: floor(2^32 / golden ratio). The product's high bits
 # mix all bits of the id, so consecutive ids land on unrelated experts.
@@ -33,6 +33,11 @@ class HashRouter(RouterBase):
   """
   causal = True
   summary = 'hash of the token id'
+
+  @classmethod
+  def cost(cls, moe_cfg, d_model: int, group_size: int) -> RouterCost:
+    del moe_cfg, d_model, group_size
+    return RouterCost(params=0, matmul_params=0, expert_rows=1)  # a table lookup
 
   def __init__(self, num_experts: int, *, capacity_factor: float,
                eval_capacity_factor: float):

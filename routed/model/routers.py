@@ -51,6 +51,7 @@ on itself and earlier tokens of its group, which autoregressive sampling needs;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -147,10 +148,34 @@ def entropy(probs, axis=-1):
   return jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-9)), axis=axis))
 
 
+@dataclasses.dataclass(frozen=True)
+class RouterCost:
+  """What one MoE layer's routing costs, for routed/model/accounting.py.
+
+  params:        parameters the router stores
+  matmul_params: multiply-adds per token of the routing itself, counted as matmul
+                 parameters (2 FLOPs each forward): the router projection, and for
+                 Soft MoE also mixing tokens into slots and slots back into tokens
+  expert_rows:   expert MLP applications per token in training (top-k: k; expert
+                 choice: E * C / S; Soft MoE: E * P / S)
+  """
+  params: int
+  matmul_params: int
+  expert_rows: float
+
+
 class RouterBase(nnx.Module):
-  """What every router declares: causality and a one-line summary of its mode."""
+  """What every router declares: causality, a one-line summary of its mode, its cost."""
   causal: bool = True   # causal in training and at evaluation
   summary: str = ''     # what it does, for the evaluation line
+
+  @classmethod
+  def cost(cls, moe_cfg, d_model: int, group_size: int) -> RouterCost:
+    """A linear router scoring the E real and the null experts; top_k rows per token
+    (an upper bound when top_p, a ReLU gate or null experts use fewer)."""
+    del group_size
+    scored = d_model * (moe_cfg.num_experts + moe_cfg.num_null_experts)
+    return RouterCost(params=scored, matmul_params=scored, expert_rows=moe_cfg.top_k)
 
   @classmethod
   def is_causal(cls, train: bool) -> bool:

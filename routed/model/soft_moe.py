@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from routed.model.routers import RouterBase, entropy
+from routed.model.routers import RouterBase, RouterCost, entropy
 
 
 @struct.dataclass
@@ -78,6 +78,14 @@ class SoftRouter(RouterBase):
     self.phi = nnx.Param(init(rngs.params(), (d_model, num_experts, slots_per_expert),
                               jnp.float32))
     self.scale = nnx.Param(jnp.full((), d_model ** 0.5, jnp.float32))
+
+  @classmethod
+  def cost(cls, moe_cfg, d_model: int, group_size: int) -> RouterCost:
+    # Per token: its logits for the E * P slots, its share of the slot inputs (each
+    # slot a weighted sum of the S tokens) and its weighted sum of the slot outputs.
+    slots = moe_cfg.num_experts * moe_cfg.slots_per_expert
+    return RouterCost(params=d_model * slots + 1, matmul_params=3 * d_model * slots,
+                      expert_rows=slots / group_size)
 
   @classmethod
   def describe(cls, moe_cfg, train: bool) -> str:
