@@ -121,9 +121,12 @@ def dropless_exchange(dispatch, x, routing: Routing, shard: ExpertShard):
 
 
 def mesh_axes_here():
-  """The abstract mesh of the computation being traced, or None outside any mesh."""
+  """The abstract mesh of the computation being traced, or None outside any mesh and
+  inside a caller's own shard_map (which already made the computation per device)."""
   mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh.empty else mesh
+  if mesh.empty or jax.sharding.AxisType.Manual in mesh.axis_types:
+    return None
+  return mesh
 
 
 def dispatch_on_mesh(dispatch, x, decision, experts, *, dropless: bool):
