@@ -39,7 +39,8 @@ TOPOLOGY_ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6': 'v6e', 'v5': 'v5p
 
 
 def topology_name(spec: str) -> str:
-  """'v5p-64' -> 'v5p:2x4x4'; 'v5p:2x2x1' stays. UsageError for anything else."""
+  """'v5p-64' -> 'v5p:2x4x4', 'v4-8' -> 'v4:2x2x1'; 'v5p:2x2x1' stays. UsageError for
+  anything else."""
   if ':' in spec:
     return spec
   kind, _, count = spec.partition('-')
@@ -53,7 +54,10 @@ def topology_name(spec: str) -> str:
     dims[dims.index(min(dims))] *= 2
   if math.prod(dims) != chips:
     raise cli.UsageError(f'--topology: {spec!r} is not a power-of-two slice')
-  return f"{kind}:{'x'.join(str(d) for d in sorted(dims))}"
+  # Cloud TPU's own names: ascending, 1s last (v5p-8 is v5p:2x2x1, v5p-16 v5p:2x2x2,
+  # v5p-64 v5p:2x4x4, v6e-8 v6e:2x4); libtpu rejects v5p:1x2x2.
+  dims.sort(key=lambda d: (d == 1, d))
+  return f"{kind}:{'x'.join(str(d) for d in dims)}"
 
 
 def shard_bytes(abstract_tree) -> int:
@@ -123,8 +127,8 @@ def table(r: dict) -> str:
       f" + activations/temporaries {r['activations_temp_gib']:.2f} GiB"
       f" = {r['total_gib']:.2f} GiB of {r['hbm_gib']:.1f} GiB HBM"
       f" ({'fits' if r['fits'] else 'DOES NOT FIT'})",
-      f"per step: {r['compiled_tflop_per_step']:.1f} TFLOP compiled, "
-      f"{r['model_tflop_per_step']:.1f} TFLOP model -> MFU at most {r['mfu_upper_bound']:.1%}"])
+      f"per step: {r['compiled_tflop_per_step']:.3g} TFLOP compiled, "
+      f"{r['model_tflop_per_step']:.3g} TFLOP model -> MFU at most {r['mfu_upper_bound']:.1%}"])
 
 
 def main(argv: list[str] | None = None) -> int:
