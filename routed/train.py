@@ -4,9 +4,11 @@
 
 Running the same command again resumes from the last checkpoint in WORKDIR, and does
 nothing more if the run already finished. Outputs in WORKDIR: config.json,
-metrics.jsonl, tensorboard/, checkpoints/<step>/. Bad input exits with status 2 and
-one line on stderr.
-"""
+metrics.jsonl, tensorboard/, checkpoints/<step>/. Several processes join one job with
+--coordinator/--num_processes/--process_id (routed/distributed.py). Exit status: 0
+finished, or stopped by SIGTERM after saving a checkpoint; 1 a non-finite step
+(train.nonfinite=stop) or a checkpoint that could not be written; 2 bad input. Every
+failure is one line on stderr."""
 
 from __future__ import annotations
 
