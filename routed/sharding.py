@@ -93,12 +93,6 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(grid, MESH_AXES)
 
 
-def batch_divisor(mesh_cfg, num_devices: int) -> int:
-  """How many slices the batch is cut into: data * fsdp * expert."""
-  sizes = mesh_shape(mesh_cfg, num_devices)
-  return math.prod(sizes[a] for a in RULES['batch'])
-
-
 def logical_to_spec(names) -> P:
   """Logical dimension names -> PartitionSpec of mesh axes (None: replicated)."""
   if names is None:
