@@ -121,10 +121,11 @@ def dropless_exchange(dispatch, x, routing: Routing, shard: ExpertShard):
 
 
 def mesh_axes_here():
-  """The abstract mesh of the computation being traced, or None outside any mesh and
-  inside a caller's own shard_map (which already made the computation per device)."""
+  """The abstract mesh of the computation being traced, or None: outside any mesh, on
+  a one-device mesh, and inside a caller's own shard_map (which already made the
+  computation per device)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or jax.sharding.AxisType.Manual in mesh.axis_types:
+  if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
     return None
   return mesh
 
