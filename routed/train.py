@@ -91,11 +91,12 @@ class Run:
   def evaluate(self) -> dict:
     ecfg = self.cfg.eval
     if self._eval_batches is None:
-      self._eval_batches = self.data.eval_batches(
-          ecfg.num_batches, ecfg.batch_size or self.cfg.train.batch_size)
+      # The same batches every evaluation: placed on the mesh once.
+      self._eval_batches = [self.on_mesh(batch) for batch in self.data.eval_batches(
+          ecfg.num_batches, ecfg.batch_size or self.cfg.train.batch_size)]
     import jax  # pylint: disable=g-import-not-at-top
     with jax.set_mesh(self.mesh):
-      history = [self.eval_step(self.params, self.on_mesh(batch)) for batch in self._eval_batches]
+      history = [self.eval_step(self.params, batch) for batch in self._eval_batches]
     return mean_metrics(history, 'eval')
 
   def on_mesh(self, batch):
