@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 
 import jax
 import orbax.checkpoint as ocp
@@ -31,17 +32,25 @@ class SaveError(RuntimeError):
 
 
 class _OrbaxErrors(logging.Filter):
-  """Drops Orbax's own error records (with their tracebacks): a failed save reaches
-  the user as one SaveError line instead."""
+  """Drops error records about Orbax's background work (its own, and asyncio's "Task
+  exception was never retrieved" for its tasks), tracebacks included: a failed save
+  reaches the user as one SaveError line instead."""
 
   def filter(self, record):
-    return not (record.levelno >= logging.ERROR and 'orbax' in record.pathname)
+    if record.levelno < logging.ERROR:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    where = record.pathname + record.getMessage()
+    if exc is not None:
+      where += ''.join(traceback.format_tb(exc.__traceback__))
+    return 'orbax' not in where
 
 
 def _quiet_background_failures() -> None:
-  logger = logging.getLogger('absl')
-  if not any(isinstance(f, _OrbaxErrors) for f in logger.filters):
-    logger.addFilter(_OrbaxErrors())
+  for name in ('absl', 'asyncio'):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OrbaxErrors) for f in logger.filters):
+      logger.addFilter(_OrbaxErrors())
   previous = sys.unraisablehook
 
   def hook(unraisable):
