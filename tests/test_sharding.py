@@ -118,7 +118,6 @@ def test_fit_spec_keeps_indivisible_dimensions_whole():
 
 def test_bad_mesh_from_the_command_line(tmp_path, mini_data_cfg):
   """A mesh that does not match the devices: one line naming the key, exit 2."""
-  from routed import train  # pylint: disable=g-import-not-at-top
   proc = subprocess.run(
       [sys.executable, '-m', 'routed.train', '--config=configs/switch_base.py:tiny',
        f'--config.data.task={mini_data_cfg.task}', f'--config.data.data_dir={mini_data_cfg.data_dir}',
@@ -126,7 +125,6 @@ def test_bad_mesh_from_the_command_line(tmp_path, mini_data_cfg):
        f'--workdir={tmp_path / "run"}'],
       capture_output=True, text=True, cwd=os.path.dirname(HERE), check=False,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  del train
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.startswith('routed.train:')]
   assert lines == ['routed.train: config key mesh: data=4 x fsdp=1 x expert=1 x tensor=1 is 4 '
