@@ -18,8 +18,8 @@ past its share is skipped (listed), and the tables still print at the end.
    at T 16384; E in {8, 32, 128}, uniform random experts. Forward, and forward +
    backward (out, d rows, d w): pallas (GpuGmm at the dispatch's row tile, rows
    pre-sorted and padded) and ragged (ragged_dot on the sorted rows) vs the dense
-   [T, D] x [D, F] matmul of the same FLOPs (2 T D F, x3 with backward); then GpuGmm
-   with block_k 64 / block_n 128 at bf16 T 65536, time allowing.
+   [T, D] x [D, F] matmul of the same FLOPs (2 T D F, x3 with backward). GpuGmm runs
+   with its default launch shapes (benchmarks/gpu_gmm_tune.py sweeps them).
 3. Layer: Switch MoE (top-1, capacity factor 1.25 for gather/einsum, no jitter), 16 x 1024
    tokens, d_model 1024, d_ff 4096, ReLU, bf16 compute, f32 params, forward + backward
    (grads wrt params and x): gather, ragged, pallas (einsum at E 8) vs a dense FFN.
@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from routed.config import base_config
-from routed.kernels.gpu_gmm import ROW_TILE, GpuGmm
+from routed.kernels.gpu_gmm import ROW_TILE, Blocks, GpuGmm
 from routed.kernels.grouped import Tiles, gathered_grouped_matmul, grouped_matmul
 from routed.model.dispatch_dropless import row_tile
 from routed.model.dropless import make_layout
@@ -94,10 +94,10 @@ def timed(fn, args, opts):
   return statistics.median(samples) * 1e3, compile_s, lowered.as_text()
 
 
-def gmm_impl(t, e, block_k=32, block_n=64):
+def gmm_impl(t, e):
   if ON_GPU:
-    return GpuGmm(row_tile(t, e, 16, ROW_TILE), block_k=block_k, block_n=block_n)
-  return GpuGmm(16, block_k=16, block_n=16, interpret=True)   # several, masked blocks
+    return GpuGmm(row_tile(t, e, 16, ROW_TILE))
+  return GpuGmm(16, *[Blocks(16, 16)] * 3, interpret=True)   # several, masked blocks
 
 
 def problem(t, e, d, f, dtype, tile, experts=None, seed=0):
@@ -287,22 +287,19 @@ def main(argv=None) -> int:
     tf = 2 * t * d * f * (3 if '+bwd' in name else 1) / ms / 1e9
     R['kernels'].append(dict(dtype=dt, T=t, E=e, impl=name, ms=ms, tflops=tf, compile_s=comp))
     log(f'  {dt} T={t} E={e} {name}: {ms:.3f} ms, {tf:.1f} TFLOP/s (compile {comp:.1f} s)')
-  cases = [(dt, t, e, 32, 64) for dt, t in shapes for e in experts] if '2' in sections else []
-  cases += [] if q or '2' not in sections else [(*shapes[1], e, 64, 128) for e in experts]
-  for dt, t, e, bk, bn in cases:
-    if over(0.62, f'kernels {dt} T={t} E={e} block_k {bk} block_n {bn}'):
+  cases = [(dt, t, e) for dt, t in shapes for e in experts] if '2' in sections else []
+  for dt, t, e in cases:
+    if over(0.62, f'kernels {dt} T={t} E={e}'):
       continue
     pb = attempt('inputs', problem, t, e, d, f, jnp.dtype(dt), gmm_impl(t, e).tile)
     if pb is None:
       continue
-    if e == experts[0] and bk == 32:   # the dense reference, once per (dtype, T)
+    if e == experts[0]:   # the dense reference, once per (dtype, T)
       for name, fn in (('dense', lambda x, w, aux, ct: x @ w),
                        ('dense+bwd', with_grads(lambda x, w, aux: x @ w))):
         attempt(name, run_case, dt, t, 0, name, fn, (pb['x'], pb['w'][0], None, pb['ct']))
-    for name, (fn, args) in programs(pb, gmm_impl(t, e, bk, bn)).items():
-      if bk == 32 or name.startswith('pallas'):
-        name = name if bk == 32 else name.replace('pallas', f'pallas_bk{bk}bn{bn}')
-        attempt(f'{dt} T={t} E={e} {name}', run_case, dt, t, e, name, fn, args)
+    for name, (fn, args) in programs(pb, gmm_impl(t, e)).items():
+      attempt(f'{dt} T={t} E={e} {name}', run_case, dt, t, e, name, fn, args)
     del pb
   save()
 
@@ -335,10 +332,10 @@ def report(experts, shapes, layer_shape, widths):
     log(f"| {r['check']} | " + ' | '.join(cells) + f" | {r['tol']:g} | {r['result']} |")
   mark = '' if R['pallas_verified'] else ' !'   # ! = correctness failed or not checked
   k = {(r['dtype'], r['T'], r['E'], r['impl']): r for r in R['kernels']}
-  impls = ('pallas', 'ragged', 'pallas_bk64bn128')
+  impls = ('pallas', 'ragged')
   log(f'\nGrouped matmul [T, {widths[0]}] x [E, {widths[0]}, {widths[1]}]: '
       'ms (TFLOP/s, x dense)\n')
-  log('| dtype | T | E | pass | dense | ' + ' | '.join(impls) + ' |\n|' + '---|' * 8)
+  log('| dtype | T | E | pass | dense | ' + ' | '.join(impls) + ' |\n|' + '---|' * 7)
   for dt, t in shapes:
     for e in experts:
       for ps in ('', '+bwd'):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from routed.kernels.gpu_gmm import GpuGmm
+from routed.kernels.gpu_gmm import Blocks, GpuGmm
 from routed.kernels.grouped import Tiles, XlaTiles, gathered_grouped_matmul, grouped_matmul
 from routed.kernels.tpu_gmm import TpuGmm
 from routed.model.dropless import make_layout
@@ -67,7 +67,7 @@ IMPLS = {
     'xla': XlaTiles(8),
     'tpu': TpuGmm(8, interpret=True),
     'tpu_blocks': TpuGmm(8, max_block=128, interpret=True),   # several column blocks
-    'gpu': GpuGmm(8, block_k=16, block_n=16, interpret=True),  # masked last blocks
+    'gpu': GpuGmm(8, *[Blocks(16, 16)] * 3, interpret=True),  # masked last blocks
 }
 
 

@@ -31,6 +31,26 @@ from routed.kernels.grouped import Tiles
 ROW_TILE = 64   # largest Tr on GPU: a tensor-core friendly tile, with little padding
 
 
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """One kernel's launch shape: bk x bn column blocks (powers of two), Triton warps/stages."""
+  k: int = 32
+  n: int = 64
+  warps: int = 4
+  stages: int = 2
+
+  def params(self):
+    return pltriton.CompilerParams(num_warps=self.warps, num_stages=self.stages)
+
+
+# The launch shapes GpuGmm uses unless given others: the least total time over E = 8,
+# 32, 128 in benchmarks/gpu_gmm_tune.py on an H100 (bf16, T 16,384, D 1,024, F 4,096;
+# benchmarks/RESULTS.md): 1.25-3.7x faster per kernel than Blocks(). The tuning script
+# sets these for its own rerun.
+DEFAULT_BLOCKS = {'gmm': Blocks(64, 256, 8, 3), 'dgmm': Blocks(64, 256, 8, 3),
+                  'tgmm': Blocks(64, 128, 4, 3)}
+
+
 def _pow2_block(width: int, cap: int) -> int:
   return min(cap, max(16, pl.next_power_of_2(width)))
 
@@ -43,16 +63,16 @@ def _loop(lo, hi, body, init):
 class GpuGmm:
   """gmm / tgmm (and the gather-fused gmm) for grouped.grouped_matmul on GPU.
 
+  gmm_blocks, dgmm_blocks, tgmm_blocks: the launch shapes of the forward product, of
+  the transposed product (the rows' gradient) and of the weight gradient.
   interpret: run in the Pallas interpreter (CPU tests).
   """
   tile: int = ROW_TILE
-  block_k: int = 32
-  block_n: int = 64
+  gmm_blocks: Blocks = dataclasses.field(default_factory=lambda: DEFAULT_BLOCKS['gmm'])
+  dgmm_blocks: Blocks = dataclasses.field(default_factory=lambda: DEFAULT_BLOCKS['dgmm'])
+  tgmm_blocks: Blocks = dataclasses.field(default_factory=lambda: DEFAULT_BLOCKS['tgmm'])
   interpret: bool = False
   fuses_gather = True
-
-  def _params(self):
-    return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
   def gmm(self, lhs, rhs, tiles: Tiles, *, transpose_rhs: bool = False, src=None):
     """out[p] = lhs[src[p]] @ rhs[e] (src None: the identity). lhs [R, Kd] -> [P, Nd]."""
@@ -62,7 +82,8 @@ class GpuGmm:
       src = jnp.arange(p, dtype=jnp.int32)
     kd = lhs.shape[1]
     nd = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    bk, bn = _pow2_block(kd, self.block_k), _pow2_block(nd, self.block_n)
+    blocks = self.dgmm_blocks if transpose_rhs else self.gmm_blocks
+    bk, bn = _pow2_block(kd, blocks.k), _pow2_block(nd, blocks.n)
 
     def kernel(expert_ref, rows_ref, used_ref, src_ref, lhs_ref, rhs_ref, out_ref):
       i, j = pl.program_id(0), pl.program_id(1)
@@ -94,7 +115,7 @@ class GpuGmm:
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((p, nd), lhs.dtype),
         grid=(tiles.tile_expert.shape[0], pl.cdiv(nd, bn)),
-        compiler_params=self._params(), interpret=self.interpret, name='routed_gmm_gpu',
+        compiler_params=blocks.params(), interpret=self.interpret, name='routed_gmm_gpu',
     )(tiles.tile_expert, tiles.tile_rows, jnp.reshape(tiles.used, (1,)), src, lhs, rhs)
 
   def tgmm(self, lhs, dout, tiles: Tiles, num_experts: int, *, src=None):
@@ -104,7 +125,7 @@ class GpuGmm:
     if src is None:
       src = jnp.arange(m * tr, dtype=jnp.int32)
     kd, nd = lhs.shape[1], dout.shape[1]
-    bk, bn = _pow2_block(kd, self.block_k), _pow2_block(nd, self.block_n)
+    bk, bn = _pow2_block(kd, self.tgmm_blocks.k), _pow2_block(nd, self.tgmm_blocks.n)
     in_use = jnp.arange(m) < tiles.used
     count = jnp.zeros((num_experts,), jnp.int32).at[tiles.tile_expert].add(in_use)
     start = jnp.cumsum(count) - count
@@ -132,5 +153,6 @@ class GpuGmm:
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((num_experts, kd, nd), jnp.float32),
         grid=(num_experts, pl.cdiv(kd, bk), pl.cdiv(nd, bn)),
-        compiler_params=self._params(), interpret=self.interpret, name='routed_tgmm_gpu',
+        compiler_params=self.tgmm_blocks.params(), interpret=self.interpret,
+        name='routed_tgmm_gpu',
     )(start, count, tiles.tile_rows, src, lhs, dout)
