@@ -43,12 +43,15 @@ class Blocks:
     return pltriton.CompilerParams(num_warps=self.warps, num_stages=self.stages)
 
 
-# The launch shapes GpuGmm uses unless given others: the least total time over E = 8,
-# 32, 128 in benchmarks/gpu_gmm_tune.py on an H100 (bf16, T 16,384, D 1,024, F 4,096;
-# benchmarks/RESULTS.md): 1.25-3.7x faster per kernel than Blocks(). The tuning script
-# sets these for its own rerun.
-DEFAULT_BLOCKS = {'gmm': Blocks(64, 256, 8, 3), 'dgmm': Blocks(64, 256, 8, 3),
-                  'tgmm': Blocks(64, 128, 4, 3)}
+# The launch shapes GpuGmm uses unless given others, by the operands' element size in
+# bytes (2: bf16/f16, 4: f32): the least total time over E = 8, 32, 128 in
+# benchmarks/gpu_gmm_tune.py on an H100 (T 16,384, D 1,024, F 4,096; RESULTS.md, run 4).
+# In bf16 they run 1.5-3.7x faster per kernel than Blocks(). The tuning script sets
+# these for its own rerun.
+DEFAULT_BLOCKS = {
+    2: {'gmm': Blocks(64, 512, 8, 3), 'dgmm': Blocks(64, 512, 8, 3), 'tgmm': Blocks(64, 128, 4, 3)},
+    4: {'gmm': Blocks(64, 64, 4, 3), 'dgmm': Blocks(64, 256, 8, 3), 'tgmm': Blocks(32, 256, 8, 2)},
+}
 
 
 def _pow2_block(width: int, cap: int) -> int:
@@ -68,11 +71,15 @@ class GpuGmm:
   interpret: run in the Pallas interpreter (CPU tests).
   """
   tile: int = ROW_TILE
-  gmm_blocks: Blocks = dataclasses.field(default_factory=lambda: DEFAULT_BLOCKS['gmm'])
-  dgmm_blocks: Blocks = dataclasses.field(default_factory=lambda: DEFAULT_BLOCKS['dgmm'])
-  tgmm_blocks: Blocks = dataclasses.field(default_factory=lambda: DEFAULT_BLOCKS['tgmm'])
+  gmm_blocks: Blocks | None = None     # None: DEFAULT_BLOCKS for the operands' dtype
+  dgmm_blocks: Blocks | None = None
+  tgmm_blocks: Blocks | None = None
   interpret: bool = False
   fuses_gather = True
+
+  def _blocks(self, kernel: str, dtype) -> Blocks:
+    given = getattr(self, kernel + '_blocks')
+    return given or DEFAULT_BLOCKS[4 if jnp.dtype(dtype).itemsize >= 4 else 2][kernel]
 
   def gmm(self, lhs, rhs, tiles: Tiles, *, transpose_rhs: bool = False, src=None):
     """out[p] = lhs[src[p]] @ rhs[e] (src None: the identity). lhs [R, Kd] -> [P, Nd]."""
@@ -82,7 +89,7 @@ class GpuGmm:
       src = jnp.arange(p, dtype=jnp.int32)
     kd = lhs.shape[1]
     nd = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    blocks = self.dgmm_blocks if transpose_rhs else self.gmm_blocks
+    blocks = self._blocks('dgmm' if transpose_rhs else 'gmm', lhs.dtype)
     bk, bn = _pow2_block(kd, blocks.k), _pow2_block(nd, blocks.n)
 
     def kernel(expert_ref, rows_ref, used_ref, src_ref, lhs_ref, rhs_ref, out_ref):
@@ -125,7 +132,8 @@ class GpuGmm:
     if src is None:
       src = jnp.arange(m * tr, dtype=jnp.int32)
     kd, nd = lhs.shape[1], dout.shape[1]
-    bk, bn = _pow2_block(kd, self.tgmm_blocks.k), _pow2_block(nd, self.tgmm_blocks.n)
+    blocks = self._blocks('tgmm', lhs.dtype)
+    bk, bn = _pow2_block(kd, blocks.k), _pow2_block(nd, blocks.n)
     in_use = jnp.arange(m) < tiles.used
     count = jnp.zeros((num_experts,), jnp.int32).at[tiles.tile_expert].add(in_use)
     start = jnp.cumsum(count) - count
@@ -153,6 +161,6 @@ class GpuGmm:
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((num_experts, kd, nd), jnp.float32),
         grid=(num_experts, pl.cdiv(kd, bk), pl.cdiv(nd, bn)),
-        compiler_params=self.tgmm_blocks.params(), interpret=self.interpret,
+        compiler_params=blocks.params(), interpret=self.interpret,
         name='routed_tgmm_gpu',
     )(start, count, tiles.tile_rows, src, lhs, dout)
