@@ -34,7 +34,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from routed import cli
