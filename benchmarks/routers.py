@@ -112,7 +112,7 @@ class StepTimer:
     optimizer = step_lib.make_optimizer(c.train)
     self.opt_state = optimizer.init(self.params)
     self.step_fn = step_lib.make_train_step(graphdef, c, optimizer)
-    self.tokens = batch.tokens
+    self.batch = batch.batch
     self.times: list[float] = []
     self.run(1, record=False)  # compile
 
@@ -120,7 +120,7 @@ class StepTimer:
     for i in range(steps):
       start = time.perf_counter()
       self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state,
-                                                          self.tokens, i)
+                                                          self.batch, i)
       metrics['loss'].block_until_ready()
       if record:
         self.times.append(time.perf_counter() - start)
@@ -131,7 +131,7 @@ class Batch:
     from routed.data import load_dataset  # pylint: disable=g-import-not-at-top
     data = load_dataset(c.data, c.train.seq_len)
     self.vocab_size = data.vocab_size
-    self.tokens = data.train_batch(0, c.train.batch_size, c.train.seed)
+    self.batch = data.train_batch(0, c.train.batch_size, c.train.seed)
 
 
 def main(argv=None) -> int:

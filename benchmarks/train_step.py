@@ -61,8 +61,8 @@ class StepTimer:
     self.opt_state = optimizer.init(self.params)
     self.step_fn = step_lib.make_train_step(graphdef, self.cfg, optimizer)
     t = self.cfg.train
-    self.tokens = jnp.asarray(np.random.default_rng(1).integers(
-        0, vocab_size, (t.batch_size, t.seq_len + 1)), jnp.int32)
+    self.batch = step_lib.token_batch(np.random.default_rng(1).integers(
+        0, vocab_size, (t.batch_size, t.seq_len + 1)))
     self.size = model_size(self.cfg, vocab_size)
     self.times: list[float] = []
     self.step = 0
@@ -72,7 +72,7 @@ class StepTimer:
     for _ in range(steps):
       start = time.perf_counter()
       self.params, self.opt_state, metrics = self.step_fn(
-          self.params, self.opt_state, self.tokens, self.step)
+          self.params, self.opt_state, self.batch, self.step)
       metrics['loss'].block_until_ready()
       self.times.append(time.perf_counter() - start)
       self.step += 1

@@ -81,10 +81,11 @@ def compile_train_step(cfg, devices, vocab_size: int):
   graphdef, params, opt_state, layout = abstract_state(cfg, vocab_size, mesh, optimizer)
   train_step = step_lib.make_train_step(graphdef, cfg, optimizer, layout)
   t = cfg.train
-  tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=layout.batch)
+  row = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=layout.batch)
+  batch = {'tokens': row, 'segment_ids': row, 'positions': row}
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated)
   with jax.set_mesh(mesh):
-    compiled = train_step.lower(params, opt_state, tokens, step).compile()
+    compiled = train_step.lower(params, opt_state, batch, step).compile()
   return compiled, params, opt_state, mesh
 
 

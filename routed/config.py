@@ -109,10 +109,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True   # write checkpoints in the background while training goes on
 
   c.data = ml_collections.ConfigDict()
-  c.data.task = 'stdlib'           # stdlib | stdlib_mini | c4 (see routed/data/tasks.py)
-  c.data.data_dir = ''             # TFDS data dir; '' = $ROUTED_DATA_DIR or ~/.cache/routed/data
+  c.data.path = ''                 # a directory made by `python -m routed.data.prepare`: train
+                                   # on it (then task, data_dir and the vocab keys are unused)
+  c.data.task = 'stdlib'           # with no path: stdlib | stdlib_mini (the embedded corpus,
+                                   # prepared on first use; routed/data/load.py); c4 needs path
+  c.data.data_dir = ''             # cache of the embedded corpus; '' = $ROUTED_DATA_DIR or
+                                   # ~/.cache/routed/data
   c.data.vocab_size = 4096         # SentencePiece vocabulary trained on the stdlib corpus
-  c.data.vocab_path = ''           # SentencePiece model for c4; '' = the public T5 vocabulary
+  c.data.vocab_path = ''           # a SentencePiece model for the stdlib corpus instead
 
   # The device mesh (routed/sharding.py). Axis sizes multiply to the number of devices
   # over all processes; one of them may be -1 to take all remaining devices. The batch

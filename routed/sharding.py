@@ -160,12 +160,30 @@ def opt_state_shardings(optimizer, opt_state, params_sharding, mesh):
 
 
 def batch_sharding(mesh) -> NamedSharding:
-  """Tokens [B, L + 1]: sequences split over the batch axes."""
+  """Batch arrays [B, L + 1]: sequences split over the batch axes."""
   return NamedSharding(mesh, P(RULES['batch']))
 
 
-def global_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """The global batch as one array on the mesh, from the full host copy every process
-  holds (batches are a pure function of (seed, step), so each process can make it
-  and keep only its devices' rows)."""
-  return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+def process_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray:
+  """The sorted rows of a global [batch_size, ...] batch that this process's devices
+  hold: the only rows it has to read."""
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+    rows.update(range(batch_size)[index[0]])
+  return np.array(sorted(rows), np.int64)
+
+
+def global_batch(local: dict, rows: np.ndarray, sharding: NamedSharding,
+                 batch_size: int) -> dict:
+  """The global batch on the mesh, from this process's rows `rows` of it
+  (local[k][i] is global row rows[i]); every process passes its own rows."""
+  def assemble(x):
+    x = np.asarray(x)
+
+    def shard(index):
+      start = range(batch_size)[index[0]].start or 0
+      at = int(np.searchsorted(rows, start))
+      count = len(range(batch_size)[index[0]])
+      return x[(slice(at, at + count),) + tuple(index[1:])]
+    return jax.make_array_from_callback((batch_size,) + x.shape[1:], sharding, shard)
+  return {k: assemble(v) for k, v in local.items()}

@@ -2,8 +2,9 @@
 
 Everything here is a pure function of pytrees, so it checkpoints, shards and resumes
 without hidden state: params is the model's nnx.Param state as a pure dict,
-opt_state is optax's. A batch is int32 tokens [B, L + 1]; inputs are tokens[:, :-1]
-and targets tokens[:, 1:].
+opt_state is optax's. A batch is the data pipeline's dict of int32 [B, L + 1] arrays
+(routed/data/records.py): `tokens` (inputs are tokens[:, :-1], targets tokens[:, 1:]),
+`segment_ids` (0 marks padding, whose targets carry no loss) and `positions`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def token_cross_entropy(logits, targets):
   return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
+def token_batch(tokens):
+  """A batch from bare token rows [B, L + 1]: each row one document, no padding (for
+  benchmarks and tests that make their own tokens)."""
+  tokens = jnp.asarray(tokens, jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return {'tokens': tokens, 'segment_ids': jnp.ones_like(tokens), 'positions': positions}
+
+
 def cross_entropy(logits, targets):
   """Mean next-token cross-entropy in nats; logits float32 [B, L, V], targets [B, L]."""
   return jnp.mean(token_cross_entropy(logits, targets))
@@ -56,7 +65,9 @@ def loss_weights(cfg) -> dict:
 
 
 def make_loss_fn(graphdef, cfg):
-  """loss(params, tokens, rng, train) -> (total loss, metrics dict).
+  """loss(params, batch, rng, train) -> (total loss, metrics dict).
+
+  The cross-entropy is the mean over target tokens that are not padding.
 
   Router losses are scalars, except 'reinforce': the per-token log-probability
   [B, L] of a policy router's sampled choices, which becomes the REINFORCE loss with
@@ -65,11 +76,13 @@ def make_loss_fn(graphdef, cfg):
   """
   weights = loss_weights(cfg)
 
-  def loss_fn(params, tokens, rng, train: bool):
+  def loss_fn(params, batch, rng, train: bool):
     model = nnx.merge(graphdef, params)
+    tokens = batch['tokens']
     logits, aux = model(tokens[:, :-1], train=train, rng=rng)
     token_ce = token_cross_entropy(logits, tokens[:, 1:])
-    ce = jnp.mean(token_ce)
+    real = (batch['segment_ids'][:, 1:] != 0).astype(token_ce.dtype)
+    ce = jnp.sum(token_ce * real) / jnp.maximum(jnp.sum(real), 1.0)
     loss = ce
     metrics = {'ce': ce}
     for name, value in aux['losses'].items():
@@ -87,7 +100,7 @@ def make_loss_fn(graphdef, cfg):
 
 
 def make_train_step(graphdef, cfg, optimizer, layout=None):
-  """Returns jit(train_step(params, opt_state, tokens, step) -> (params, opt_state, metrics)).
+  """Returns jit(train_step(params, opt_state, batch, step) -> (params, opt_state, metrics)).
 
   Router noise for step s comes from fold_in(key(seed), s), so a resumed run draws the
   same noise as an uninterrupted one. layout (train_state.Layout): compile for its
@@ -98,9 +111,9 @@ def make_train_step(graphdef, cfg, optimizer, layout=None):
   schedule = learning_rate_schedule(cfg.train)
   base_key = jax.random.key(cfg.train.seed)
 
-  def train_step(params, opt_state, tokens, step):
+  def train_step(params, opt_state, batch, step):
     rng = jax.random.fold_in(base_key, step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, tokens, rng, True)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, rng, True)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
@@ -121,11 +134,11 @@ def make_train_step(graphdef, cfg, optimizer, layout=None):
 
 
 def make_eval_step(graphdef, cfg, layout=None):
-  """Returns jit(eval_step(params, tokens) -> metrics), routing in eval mode."""
+  """Returns jit(eval_step(params, batch) -> metrics), routing in eval mode."""
   loss_fn = make_loss_fn(graphdef, cfg)
 
-  def eval_step(params, tokens):
-    _, metrics = loss_fn(params, tokens, None, False)
+  def eval_step(params, batch):
+    _, metrics = loss_fn(params, batch, None, False)
     return metrics
 
   if layout is None:

@@ -82,6 +82,9 @@ class Run:
       (workdir_path(workdir) / 'config.json').write_text(cfg.to_json(indent=2))
     self._eval_batches = None
     self.preempted = False
+    # This process reads only the rows of each batch that its devices hold.
+    from routed.sharding import process_rows  # pylint: disable=g-import-not-at-top
+    self.rows = process_rows(self.layout.batch, cfg.train.batch_size)
 
   def describe(self) -> str:
     s = self.size
@@ -92,17 +95,20 @@ class Run:
     ecfg = self.cfg.eval
     if self._eval_batches is None:
       # The same batches every evaluation: placed on the mesh once.
-      self._eval_batches = [self.on_mesh(batch) for batch in self.data.eval_batches(
-          ecfg.num_batches, ecfg.batch_size or self.cfg.train.batch_size)]
+      from routed.sharding import process_rows  # pylint: disable=g-import-not-at-top
+      size = ecfg.batch_size or self.cfg.train.batch_size
+      rows = process_rows(self.layout.batch, size)
+      self._eval_batches = [self.on_mesh(batch, rows, size) for batch in
+                            self.data.eval_batches(ecfg.num_batches, size, rows)]
     import jax  # pylint: disable=g-import-not-at-top
     with jax.set_mesh(self.mesh):
       history = [self.eval_step(self.params, batch) for batch in self._eval_batches]
     return mean_metrics(history, 'eval')
 
-  def on_mesh(self, batch):
-    """A host batch [B, L + 1] (the same on every process) -> the global array."""
+  def on_mesh(self, batch: dict, rows, batch_size: int) -> dict:
+    """This process's rows `rows` of a batch -> the global batch on the mesh."""
     from routed.sharding import global_batch  # pylint: disable=g-import-not-at-top
-    return global_batch(batch, self.layout.batch)
+    return global_batch(batch, rows, self.layout.batch, batch_size)
 
   def save(self) -> None:
     self.checkpointer.save(self.step, self.params, self.opt_state,
@@ -122,9 +128,11 @@ class Run:
     history, row = [], {}
     clock = None  # (start time, steps since then), started after the first step
     watch = NonFiniteWatch(t.nonfinite, lambda line: log(f'routed.train: {line}'))
+    # Batches are read ahead in threads, from this step on: the data position is the step.
+    batches = self.data.train_batches(self.step, t.batch_size, t.seed, self.rows)
     with StopRequest() as stop:
       while self.step < t.steps:
-        batch = self.on_mesh(self.data.train_batch(self.step, t.batch_size, t.seed))
+        batch = self.on_mesh(next(batches), self.rows, t.batch_size)
         with jax.set_mesh(self.mesh):
           self.params, self.opt_state, metrics = self.train_step(
               self.params, self.opt_state, batch, self.step)
@@ -153,6 +161,11 @@ class Run:
               'command to resume', always=True)
           self.preempted = True
           break
+    if jax.process_count() > 1:
+      d = self.data
+      log(f'routed.data: process {jax.process_index()} of {jax.process_count()} decoded '
+          f'{d.examples_decoded} examples in {d.batches_read} batches ({len(self.rows)} rows '
+          f'of each batch of {t.batch_size})', always=True)
     return row
 
   def log_row(self, history: list[dict], clock, do_eval: bool) -> dict:

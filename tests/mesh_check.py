@@ -55,7 +55,9 @@ def train_on(router: str, mesh_sizes):
     tokens = rng.integers(0, VOCAB, (cfg.train.batch_size, cfg.train.seq_len + 1), np.int32)
     with jax.set_mesh(mesh):
       params, opt_state, metrics = train_step(
-          params, opt_state, sharding.global_batch(tokens, layout.batch), i)
+          params, opt_state, sharding.global_batch(
+              dict(step.token_batch(tokens)), np.arange(len(tokens)), layout.batch,
+              len(tokens)), i)
     history.append({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0})
   return history, jax.tree.map(np.asarray, params)
 

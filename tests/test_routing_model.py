@@ -138,7 +138,7 @@ def test_reinforce_loss_trains_the_router_kernel_only():
   cfg.moe.update(aux_loss_weight=0.0, z_loss_weight=0.0)
   graphdef, state = nnx.split(build_model(cfg, VOCAB, seed=0), nnx.Param)
   params = nnx.to_pure_dict(state)
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (4, SEQ + 1)))
+  tokens = step.token_batch(np.random.default_rng(1).integers(0, VOCAB, (4, SEQ + 1)))
   loss_fns = []
   for weight in (1.0, 0.0):
     cfg.moe.reinforce_weight = weight
@@ -158,7 +158,7 @@ def test_reinforce_loss_trains_the_router_kernel_only():
 
 def test_eval_metrics_leave_out_the_reinforce_loss(compiled):
   m = compiled('reinforce')
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (4, SEQ + 1)))
+  tokens = step.token_batch(np.random.default_rng(1).integers(0, VOCAB, (4, SEQ + 1)))
   metrics = step.make_eval_step(m.graphdef, m.cfg)(m.params, tokens)
   assert 'reinforce_loss' not in metrics and 'balance_loss' in metrics
 
@@ -174,3 +174,23 @@ def test_routing_mode_line():
   dense.moe.every = 0
   assert is_causal(dense, train=True) and routing_mode(dense, train=False) == (
       'dense model (no routing)')
+
+
+def test_padding_targets_carry_no_loss():
+  """Targets whose segment id is 0 (a part's last, padded row) are left out of the mean."""
+  cfg = tiny_config('switch')
+  cfg.moe.every = 0  # dense: no capacity, so other tokens cannot change a token's output
+  model = build_model(cfg, VOCAB, seed=0)
+  graphdef, state = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(state)
+  tokens = np.random.default_rng(2).integers(0, VOCAB, (2, SEQ + 1))
+  batch = step.token_batch(tokens)
+  padded = dict(batch, segment_ids=batch['segment_ids'].at[:, -4:].set(0))
+  loss_fn = jax.jit(step.make_loss_fn(graphdef, cfg), static_argnums=3,
+                    compiler_options=FAST_COMPILE)
+  _, metrics = loss_fn(params, padded, None, False)
+  logits, _ = model(jnp.asarray(tokens[:, :-1]), train=False, rng=None)
+  token_ce = step.token_cross_entropy(logits, jnp.asarray(tokens[:, 1:]))
+  np.testing.assert_allclose(metrics['ce'], jnp.mean(token_ce[:, :-4]), rtol=1e-5)
+  _, full = loss_fn(params, batch, None, False)
+  np.testing.assert_allclose(full['ce'], jnp.mean(token_ce), rtol=1e-5)

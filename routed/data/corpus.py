@@ -1,8 +1,8 @@
 """The embedded default corpus: the running Python's standard library source.
 
 Pure Python (no TensorFlow), so the file list and split can be tested and
-inspected cheaply. The TFDS builder in `stdlib_tfds.py` turns it into a
-dataset; everything here is deterministic given the stdlib on disk.
+inspected cheaply. routed.data.load prepares it like any other corpus (one
+document per file); everything here is deterministic given the stdlib on disk.
 
 Sizes on CPython 3.11: ~1,790 `*.py` files, ~31.5 M characters (full); the
 `mini` config keeps ~1.5 MB of train text and ~0.15 MB of validation text.
@@ -29,19 +29,6 @@ MINI_VALIDATION_CHARS = 150_000
 MINI_MAX_FILE_CHARS = 60_000
 
 _EXCLUDED_DIRS = ('site-packages', 'dist-packages', '__pycache__')
-
-# The TFDS dataset (builder in stdlib_tfds.py) lives at
-# <data_dir>/<TFDS_NAME>/<config>/<TFDS_VERSION>; kept here so that cached
-# loads can check for it without importing TFDS.
-TFDS_NAME = 'routed_stdlib'
-TFDS_VERSION = '1.0.0'
-
-
-def tfds_prepared(data_dir: str, config: str) -> bool:
-  """Whether TFDS finished preparing `config` (it writes this file last)."""
-  return os.path.isfile(os.path.join(
-      data_dir, TFDS_NAME, config, TFDS_VERSION, 'dataset_info.json'))
-
 
 def stdlib_root() -> str:
   """Directory of the running interpreter's standard library."""

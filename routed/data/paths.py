@@ -3,11 +3,10 @@
 Layout under the data dir (all caches are keyed so that changing the task,
 vocabulary or sequence length never reuses a stale file):
 
-  routed_stdlib/{full,mini}/1.0.0/        TFDS dataset of the stdlib corpus
-  routed_vocab/<corpus>-v<size>-s<N>.model SentencePiece model trained on it
-  routed_packed/<key>/{train,validation}.npy, meta.json
-                                          packed [num_seqs, seq_len+1] token ids
-  c4/en/<version>/                        C4, prepared by the user with TFDS
+  routed_vocab/<corpus>-v<size>-s<N>.model   SentencePiece model trained on the
+                                             stdlib corpus
+  routed_prepared/<task>-<vocab>-L<seq_len>/ the stdlib corpus prepared like any
+                                             other (routed/data/records.py)
 
 This module imports nothing heavy (no TensorFlow), so cached loads stay fast.
 """
@@ -29,7 +28,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 VOCAB_SUBDIR = 'routed_vocab'
-PACKED_SUBDIR = 'routed_packed'
+PREPARED_SUBDIR = 'routed_prepared'
 
 
 def resolve_data_dir(data_cfg, create: bool = True) -> str:
@@ -66,9 +65,9 @@ def vocab_file(data_dir: str, corpus: str, vocab_size: int,
                       f'{corpus}-v{vocab_size}-s{settings_version}.model')
 
 
-def packed_dir(data_dir: str, key: str) -> str:
-  """Directory holding the packed train/validation arrays for `key`."""
-  return os.path.join(data_dir, PACKED_SUBDIR, key)
+def prepared_dir(data_dir: str, key: str) -> str:
+  """The prepared directory (records.py) of an embedded corpus, for `key`."""
+  return os.path.join(data_dir, PREPARED_SUBDIR, key)
 
 
 @contextlib.contextmanager

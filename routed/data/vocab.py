@@ -1,7 +1,7 @@
 """SentencePiece vocabulary for the stdlib corpus: training and caching.
 
 The model is trained once per (corpus config, vocab size) on the train split
-of the TFDS dataset and cached as `routed_vocab/<corpus>-v<size>-s<N>.model`.
+of the corpus and cached as `routed_vocab/<corpus>-v<size>-s<N>.model`.
 Settings are chosen for source code:
 
 * identity normalisation, no whitespace collapsing, no dummy prefix: the
@@ -85,13 +85,15 @@ def sample_sentences(texts: Iterable[str],
   return chosen
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
-  """Train a code-friendly SentencePiece unigram model; returns model bytes."""
+def train_sentencepiece(texts: Iterable[str], vocab_size: int,
+                        key: str = 'data.vocab_size') -> bytes:
+  """Train a code-friendly SentencePiece unigram model; returns model bytes.
+
+  `key` names the setting in error messages (a config key or a flag)."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   sentences = sample_sentences(texts)
   if not sentences:
-    raise DataError('the stdlib corpus train split is empty; cannot train a '
-                    'vocabulary')
+    raise DataError(f'{key}: no text to train a vocabulary on')
   spm.set_random_generator_seed(SEED)
   model = io.BytesIO()
   try:
@@ -118,15 +120,15 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
     # E.g. "INTERNAL: src/trainer_interface.cc(744) [<check>] Vocabulary size
     # too high (30000). Please set it to a value <= 9620.": keep the advice.
     reason = first_line(e).rsplit('] ', 1)[-1]
-    raise DataError(f'data.vocab_size={vocab_size}: SentencePiece training '
+    raise DataError(f'{key}={vocab_size}: SentencePiece training '
                     f'failed: {reason}') from None
   return model.getvalue()
 
 
-def check_vocab_size(vocab_size) -> int:
+def check_vocab_size(vocab_size, key: str = 'data.vocab_size') -> int:
   if (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
       or vocab_size < MIN_VOCAB_SIZE or vocab_size > 1 << 20):
-    raise DataError(f'data.vocab_size={vocab_size!r} must be an integer in '
+    raise DataError(f'{key}={vocab_size!r} must be an integer in '
                     f'[{MIN_VOCAB_SIZE}, {1 << 20}] (256 byte-fallback pieces '
                     'plus the characters of the corpus must fit)')
   return vocab_size
@@ -140,12 +142,11 @@ def stdlib_vocab_path(data_dir: str, corpus_config: str,
 
 def train_stdlib_vocab(data_dir: str, corpus_config: str,
                        vocab_size: int) -> str:
-  """Train on the TFDS train split (must be prepared) and cache atomically."""
-  from routed.data import stdlib_tfds  # pylint: disable=g-import-not-at-top
-  tfds = stdlib_tfds.tfds
-  builder = stdlib_tfds.builder(data_dir, corpus_config)
-  ds = builder.as_dataset(split='train', shuffle_files=False)
-  texts = (ex['text'].decode('utf-8') for ex in tfds.as_numpy(ds))
+  """Train on the corpus's train split and cache atomically."""
+  from routed.data import corpus  # pylint: disable=g-import-not-at-top
+  root = corpus.stdlib_root()
+  texts = (corpus.read_source(root, rel)
+           for rel in corpus.corpus_files(corpus_config, root)['train'])
   model = train_sentencepiece(texts, vocab_size)
   path = stdlib_vocab_path(data_dir, corpus_config, vocab_size)
   paths.atomic_write_bytes(path, model)
@@ -170,5 +171,5 @@ def piece_count(path: str) -> int:
 
 def seqio_vocabulary(path: str):
   """The seqio vocabulary for a model file (imports seqio/TF)."""
-  from routed.data import tasks  # pylint: disable=g-import-not-at-top
-  return tasks.SentencePieceVocabulary(path, extra_ids=0)
+  from routed.data import seqio_vocab  # pylint: disable=g-import-not-at-top
+  return seqio_vocab.SentencePieceVocabulary(path, extra_ids=0)
