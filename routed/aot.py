@@ -34,7 +34,7 @@ from routed import cli
 
 FLAGS = {'config': None, 'topology': None, 'vocab_size': 0}
 HBM_GIB_PER_CHIP = {'v4': 32, 'v5p': 95, 'v5e': 16, 'v6e': 32}
-C4_VOCAB_SIZE = 32100  # the T5 SentencePiece vocabulary routed.data uses for c4
+C4_VOCAB_SIZE = 32000  # routed.data.prepare's default vocabulary, for c4 without data.path
 TOPOLOGY_ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6': 'v6e', 'v5': 'v5p'}
 
 
@@ -67,6 +67,17 @@ def shard_bytes(abstract_tree) -> int:
     shape = leaf.sharding.shard_shape(leaf.shape)
     total += math.prod(shape) * leaf.dtype.itemsize
   return total
+
+
+def prepared_vocab_size(data_cfg) -> int:
+  """The vocabulary size recorded in data.path's index (0 without one here)."""
+  from routed.data import DataError, records  # pylint: disable=g-import-not-at-top
+  path = data_cfg.get('path', '')
+  try:
+    index = records.read_index(path) if path and os.path.isdir(path) else None
+  except DataError:
+    index = None  # compiling needs only a size; training will name what is wrong
+  return int(index['vocab']['pieces']) if index else 0
 
 
 def compile_train_step(cfg, devices, vocab_size: int):
@@ -155,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f'routed.aot: libtpu is not available ({message}); pip install "jax[tpu]"',
           file=sys.stderr)
     return LIBTPU_UNAVAILABLE
-  vocab_size = flags['vocab_size'] or (C4_VOCAB_SIZE if cfg.data.task == 'c4'
-                                       else cfg.data.vocab_size)
+  vocab_size = flags['vocab_size'] or prepared_vocab_size(cfg.data) or (
+      C4_VOCAB_SIZE if cfg.data.task == 'c4' else cfg.data.vocab_size)
   try:
     validate_mesh(cfg, len(devices))
   except cli.UsageError as e:

@@ -20,3 +20,18 @@ def test_dispatch_benchmark_prints_every_column(capsys):
   row = next(line for line in out.splitlines() if line.startswith('| 4 |'))
   assert row.count('x)') == 3
   assert 'Command: python benchmarks/' in out and '--backends=gather,tiled,experts' in out
+
+
+def test_data_benchmark_prints_every_section(tmp_path, capsys):
+  import data  # pylint: disable=g-import-not-at-top
+  argv = ['--sections=prepare,reader,resume', '--corpus_mb=0.3', '--files=2',
+          '--vocab_size=512', '--seq_len=32', '--batch_size=4', '--read_batches=2',
+          '--rounds=1', f'--workdir={tmp_path}']
+  assert data.main(argv) == 0
+  out = capsys.readouterr().out
+  for header in ('### prepare', '### reader', '### resume', '| 1,000,000 |',
+                 'reader / demand', 'json.gz MB/s per core'):
+    assert header in out, out
+  # The corpus is in the released C4 layout.
+  assert sorted(os.listdir(tmp_path / 'c4')) == ['c4-train.00000-of-00002.json.gz',
+                                                  'c4-train.00001-of-00002.json.gz']

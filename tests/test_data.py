@@ -261,6 +261,10 @@ def test_prepared_path_errors_are_one_line(mini_ds, mini_data_cfg, tmp_path):
   with pytest.raises(DataError) as err:
     load_dataset(cfg, 32)
   _assert_one_line(err, f'seq_len {SEQ_LEN}', 'train.seq_len=32')
+  cfg.path = 'gs://bucket/c4'
+  with pytest.raises(DataError) as err:
+    load_dataset(cfg, SEQ_LEN)
+  _assert_one_line(err, "data.path='gs://bucket/c4'", 'gcsfuse')
 
 
 @pytest.mark.parametrize('key,value,needle', [

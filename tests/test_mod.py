@@ -112,7 +112,7 @@ def test_router_receives_gradients_from_the_lm_loss(rule):
   model = build_model(cfg, 50, 0)
   graphdef, state = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(state)
-  tokens = jax.random.randint(jax.random.key(0), (B, L + 1), 0, 50)
+  tokens = step_lib.token_batch(jax.random.randint(jax.random.key(0), (B, L + 1), 0, 50))
   loss_fn = step_lib.make_loss_fn(graphdef, cfg)
   grad_fn = jax.jit(jax.grad(lambda p, t: loss_fn(p, t, None, True), has_aux=True))
   grads, metrics = grad_fn(params, tokens)

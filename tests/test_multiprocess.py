@@ -3,6 +3,7 @@ job, save one checkpoint together, and a single process continues it on another 
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -68,6 +69,14 @@ def test_two_processes_train_save_and_one_process_continues(tmp_path, mini_data_
     assert p.returncode == 0, out[-3000:]
   # Only process 0 reports progress; both wrote their shards of the checkpoint.
   assert 'step 4/4' in outputs[0] and 'step 4/4' not in outputs[1]
+  # Each process decoded its own half of every batch it read (read-ahead included), and
+  # no more: the data path scales with hosts instead of reading the whole batch on each.
+  for i, out in enumerate(outputs):
+    read = re.search(rf'routed.data: process {i} of 2 decoded (\d+) examples in (\d+) '
+                     r'batches \(2 rows of each batch of 4\)', out)
+    assert read, out[-3000:]
+    examples, batches = map(int, read.groups())
+    assert batches >= 4 and examples == 2 * batches, read.group(0)
   state = two / 'checkpoints' / '4' / 'state'
   assert {'ocdbt.process_0', 'ocdbt.process_1'} <= set(os.listdir(state))
 

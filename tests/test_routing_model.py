@@ -74,7 +74,7 @@ class Compiled:
       return eval_logits, train_logits, eval_aux, grads, metrics
 
     tokens, other = perturbed_pair()
-    batch = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (4, SEQ + 1)))
+    batch = step.token_batch(np.random.default_rng(1).integers(0, VOCAB, (4, SEQ + 1)))
     self.results = jax.jit(run, compiler_options=FAST_COMPILE)(
         self.params, jnp.stack([tokens, other]), batch, jax.random.key(3))
 

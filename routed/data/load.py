@@ -70,6 +70,11 @@ def _data_path(data_cfg) -> str:
   given = str(_get(data_cfg, 'path', ''))
   if not given:
     return ''
+  if '://' in given:
+    # ArrayRecord's reader opens local files; on GCS, mount the bucket (gcsfuse).
+    raise DataError(f'data.path={given!r}: give a local path; for a bucket, mount it '
+                    'with gcsfuse (gcsfuse --implicit-dirs BUCKET /mnt/BUCKET) and set '
+                    'data.path=/mnt/BUCKET/DIR')
   path = os.path.abspath(os.path.expanduser(given))
   if not os.path.isfile(os.path.join(path, records.INDEX)):
     raise DataError(f'data.path={given!r} holds no prepared data ({path}/{records.INDEX} '
