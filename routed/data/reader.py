@@ -11,8 +11,10 @@
 
 A batch is {'tokens', 'segment_ids', 'positions'}, each int32 [len(rows), seq_len + 1]:
 rows `rows` (default: all B) of the *global* batch. Global example g = step * B + i is
-element g of Grain's `MapDataset.source(files).shuffle(seed).repeat()`: a global
-shuffle that reshuffles every epoch. Batches therefore depend on (seed, step, B) and the
+record `order[g]` of the ArrayRecord files, where `order` is Grain's
+`MapDataset.range(N).shuffle(seed).repeat()`: a global shuffle that reshuffles every
+epoch (the same records as `MapDataset.source(files).shuffle(seed).repeat()[g]`; shuffling
+indices and reading records apart costs a third of the per-element Grain pipeline). Batches therefore depend on (seed, step, B) and the
 Grain version, not on how many processes read them or where a run was resumed: each
 process reads only the rows its devices hold, and starting at step 1,000,000 costs what
 starting at step 0 does (the position is the step; there is no iterator state to save).
@@ -68,7 +70,7 @@ class PreparedDataset:
     self.vocab_size = int(index['vocab']['pieces'])
     self.layout = records.Layout.from_json(index['record'])
     self._sources = {split: self._source(split) for split in records.SPLITS}
-    self._train = {}  # seed -> shuffled, repeated MapDataset of records
+    self._train = {}  # seed -> shuffled, repeated MapDataset of record indices
     # What this process has read and decoded so far (all splits, read-ahead included).
     self.examples_decoded = self.batches_read = 0
     self._lock = threading.Lock()
@@ -80,7 +82,7 @@ class PreparedDataset:
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
       raise DataError(f'data.path={self.path!r}: {missing[0]} is missing; prepare again')
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
+    return grain.sources.ArrayRecordDataSource(files)
 
   @property
   def vocabulary(self):
@@ -105,8 +107,17 @@ class PreparedDataset:
   def num_eval_tokens(self) -> int:
     return self.num_eval_sequences * self.seq_len
 
-  def _batch(self, ds, first: int, rows) -> dict:
-    examples = [self.layout.decode(ds[first + int(r)]) for r in rows]
+  def _order(self, split: str, seed: int):
+    import grain  # pylint: disable=g-import-not-at-top
+    return grain.MapDataset.range(len(self._sources[split])).shuffle(seed=seed).repeat()
+
+  def _batch(self, split: str, order, first: int, rows) -> dict:
+    # _getitems: all of this process's indices in one call. Records are then read one
+    # by one: ArrayRecord's batched read fans out to a thread pool, twice as slow per
+    # record when the reader has one core; reader threads parallelize across batches.
+    indices = order._getitems([first + int(r) for r in rows])  # pylint: disable=protected-access
+    source = self._sources[split]
+    examples = [self.layout.decode(source[i]) for i in indices]
     with self._lock:  # reader threads
       self.examples_decoded += len(examples)
       self.batches_read += 1
@@ -116,7 +127,7 @@ class PreparedDataset:
     if seed not in self._train:
       if int(seed) != seed or not 0 <= seed < 1 << 32:
         raise DataError(f'train.seed={seed!r} must be an integer in [0, 2**32)')
-      self._train[seed] = self._sources['train'].shuffle(seed=int(seed)).repeat()
+      self._train[seed] = self._order('train', int(seed))
     return self._train[seed]
 
   def train_batch(self, step: int, batch_size: int, seed: int, rows=None) -> dict:
@@ -124,7 +135,7 @@ class PreparedDataset:
     if int(step) != step or step < 0:
       raise ValueError(f'step must be a non-negative integer, got {step!r}')
     rows = np.arange(batch_size) if rows is None else rows
-    return self._batch(self._shuffled(seed), int(step) * batch_size, rows)
+    return self._batch('train', self._shuffled(seed), int(step) * batch_size, rows)
 
   def train_batches(self, start: int, batch_size: int, seed: int, rows=None):
     """An iterator over train_batch(start), train_batch(start + 1), ..., read ahead.
@@ -136,15 +147,16 @@ class PreparedDataset:
     rows = np.arange(batch_size) if rows is None else np.asarray(rows)
     ds = self._shuffled(seed)
     steps = grain.MapDataset.range(int(start), 1 << 62).map(
-        lambda step: self._batch(ds, step * batch_size, rows))
+        lambda step: self._batch('train', ds, step * batch_size, rows))
     return iter(steps.to_iter_dataset(grain.ReadOptions(
         num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD)))
 
   def eval_batches(self, num_batches: int, batch_size: int, rows=None) -> list[dict]:
     """`num_batches` batches of a fixed shuffle of the validation split (cycled)."""
     rows = np.arange(batch_size) if rows is None else rows
-    ds = self._sources['validation'].shuffle(seed=EVAL_SEED).repeat()
-    return [self._batch(ds, b * batch_size, rows) for b in range(num_batches)]
+    order = self._order('validation', EVAL_SEED)
+    return [self._batch('validation', order, b * batch_size, rows)
+            for b in range(num_batches)]
 
   def describe(self) -> str:
     return (f'data: {self.path}, train {_fmt_tokens(self.num_train_tokens)} tokens '
