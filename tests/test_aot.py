@@ -57,6 +57,7 @@ def test_topology_name():
 
 
 @NEEDS_LIBTPU
+@pytest.mark.slow
 def test_switch_tiny_compiles_for_v5p_with_expert_parallelism_and_pallas():
   proc = run_aot('--config=configs/switch_base.py:tiny', '--topology=v5p:2x2x1',
                  '--config.mesh.data=1', '--config.mesh.expert=4', '--config.moe.dispatch=pallas')

@@ -3,12 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from routed.config import base_config
 from routed.model.transformer import build_model
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_tracks_float32():
   cfg = base_config()
   cfg.model.update(d_model=32, num_heads=4, num_layers=2, d_ff=64)

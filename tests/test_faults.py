@@ -50,6 +50,7 @@ def copy_run(run_of_20, tmp_path, mini_data_cfg, steps):
                                                        'checkpoint.every_steps': 10}, **FAST)
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(run_of_20, tmp_path,
                                                                mini_data_cfg):
   workdir, args = copy_run(run_of_20, tmp_path, mini_data_cfg, 30)
@@ -121,6 +122,7 @@ def test_read_only_workdir_fails_clearly_and_keeps_checkpoints(run_of_20, tmp_pa
   assert assert_finite_checkpoints(workdir, args) == 20
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_fails_the_save_and_keeps_earlier_checkpoints(run_of_20, tmp_path,
                                                                        mini_data_cfg):
   """Files may grow to 64 KiB only (RLIMIT_FSIZE): metrics lines still fit, a
