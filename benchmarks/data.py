@@ -39,6 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from dispatch import cpu_name  # pylint: disable=g-import-not-at-top,wrong-import-position
 from routed import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = {'sections': 'prepare,reader,resume,stdlib', 'corpus_mb': 24.0, 'files': 4,
@@ -62,13 +63,7 @@ print(f'FIRST_USE_S {time.perf_counter() - start:.3f}')
 
 
 def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}'
+  return f'{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}'
 
 
 @contextlib.contextmanager

@@ -13,9 +13,9 @@ A batch is {'tokens', 'segment_ids', 'positions'}, each int32 [len(rows), seq_le
 rows `rows` (default: all B) of the *global* batch. Global example g = step * B + i is
 record `order[g]` of the ArrayRecord files, where `order` is Grain's
 `MapDataset.range(N).shuffle(seed).repeat()`: a global shuffle that reshuffles every
-epoch (the same records as `MapDataset.source(files).shuffle(seed).repeat()[g]`; shuffling
-indices and reading records apart costs a third of the per-element Grain pipeline). Batches therefore depend on (seed, step, B) and the
-Grain version, not on how many processes read them or where a run was resumed: each
+epoch (the same records as `MapDataset.source(files).shuffle(seed).repeat()[g]`, read
+at less than half its cost per example). Batches therefore depend on (seed, step, B)
+and the Grain version, not on how many processes read them or where a run was resumed: each
 process reads only the rows its devices hold, and starting at step 1,000,000 costs what
 starting at step 0 does (the position is the step; there is no iterator state to save).
 """

@@ -11,7 +11,7 @@ A dispatcher is a function `(x, decision, experts) -> y`:
 Shape letters as in routers.py. Tokens dropped by capacity (slot >= C) get no
 expert output from that choice; the MoE layer's residual connection carries them.
 
-`einsum` is the readable reference (GShard / T5X style) and runs every decision
+`einsum` (dispatch_einsum.py) is the readable reference (GShard / T5X style) and runs every decision
 type: each type turns itself into dense dispatch and combine tensors of shape
 [G, S, E, C] (`decision.dense(E)`), so its cost grows with E. Index-based backends
 special-case `Routing` and may run any other decision type through those dense
@@ -31,24 +31,8 @@ assignment to exploit: every backend runs it through the dense einsum path.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
-
-def dense_dispatch_tensors(decision, num_experts: int):
-  """Dispatch [G, S, E, C] and combine [G, S, E, C] float32 tensors of any decision."""
-  return decision.dense(num_experts)
-
-
-def einsum_dispatch(x, decision, experts):
-  dispatch, combine = dense_dispatch_tensors(decision, experts.num_experts)
-  dispatch = dispatch.astype(x.dtype)
-  buffers = jnp.einsum('gsec,gsd->egcd', dispatch, x)
-  out = experts(buffers)
-  return jnp.einsum('gsec,egcd->gsd', combine.astype(out.dtype), out)
-
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from routed.model.dispatch_dropless import pallas_dispatch, ragged_dispatch, tiled_dispatch
+from routed.model.dispatch_einsum import einsum_dispatch
 from routed.model.dispatch_gather import gather_dispatch
 
 # moe.dispatch -> dispatcher (x [G, S, D], decision, experts) -> y [G, S, D].

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from routed.kernels.grouped import Tiles, XlaTiles, gathered_grouped_matmul, grouped_matmul
 from routed.model.dropless import Layout, routing_layout
 from routed.model.expert_mlp import expert_weights
+from routed.model.dispatch_einsum import einsum_dispatch
 from routed.model.routers import Routing
 from routed.model.rows import combine_rows, gather_rows
 
@@ -44,11 +45,6 @@ def row_tile(num_choices: int, num_experts: int, smallest: int = 8, largest: int
   """
   share = max(1, num_choices // num_experts)
   return int(min(largest, max(smallest, 1 << (share.bit_length() - 1))))
-
-
-def _dense_fallback(x, decision, experts):
-  from routed.model.dispatch import einsum_dispatch  # pylint: disable=g-import-not-at-top
-  return einsum_dispatch(x, decision, experts)
 
 
 def _combine(x, layout: Layout, w, ys):
@@ -72,7 +68,7 @@ def ragged_dispatch(x, decision, experts, *, fill=None):
   fill: None, or a value for the rows no choice owns (tests pass NaN).
   """
   if not isinstance(decision, Routing):
-    return _dense_fallback(x, decision, experts)
+    return einsum_dispatch(x, decision, experts)
   wi, wo, act = expert_weights(experts)
   layout, w = routing_layout(decision, experts.num_experts, tile=1)
   xs = _gather_in(x, layout, fill)
@@ -107,7 +103,7 @@ def tiled_dispatch(x, decision, experts, *, tile=None, fill=None):
   padding rows and unwritten output rows (tests pass NaN).
   """
   if not isinstance(decision, Routing):
-    return _dense_fallback(x, decision, experts)
+    return einsum_dispatch(x, decision, experts)
   n = decision.expert.size
   tile = tile or row_tile(n, experts.num_experts)
   wi, wo, act = expert_weights(experts)
@@ -125,7 +121,7 @@ def pallas_dispatch(x, decision, experts, *, tile=None, fill=None, interpret=Non
   fills uninitialised kernel memory with NaN).
   """
   if not isinstance(decision, Routing):
-    return _dense_fallback(x, decision, experts)
+    return einsum_dispatch(x, decision, experts)
   from routed.kernels import gpu_gmm, tpu_gmm  # pylint: disable=g-import-not-at-top
   wi, wo, act = expert_weights(experts)
   n, e = decision.expert.size, experts.num_experts

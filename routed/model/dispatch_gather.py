@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from routed.model.expert_mlp import apply_experts
+from routed.model.dispatch_einsum import einsum_dispatch
 from routed.model.routers import Routing
 from routed.model.rows import combine_rows, gather_rows
 
@@ -54,7 +55,6 @@ def gather_dispatch(x, decision, experts, *, fill=None):
   rows that no token owns).
   """
   if not isinstance(decision, Routing):
-    from routed.model.dispatch import einsum_dispatch  # pylint: disable=g-import-not-at-top
     return einsum_dispatch(x, decision, experts)
   g, s, d = x.shape
   e, c = experts.num_experts, decision.capacity
