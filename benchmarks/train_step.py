@@ -2,12 +2,15 @@
 
   python benchmarks/train_step.py                       # tiny dense vs tiny Switch
   python benchmarks/train_step.py --configs=configs/switch_base.py:tiny --steps=20
+  python benchmarks/train_step.py --configs=configs/switch_base.py:tiny,\
+configs/switch_base.py:tiny+model.attention=dot_product   # the same config, changed keys
 
 The peak is the median FLOP/s of a jit-compiled float32 square matmul (the largest of
 a few sizes), measured by this script in the same run. Each config's train step runs
 on synthetic tokens (the data pipeline is not what is measured) and its median step
 time gives tokens/s; MFU = tokens/s x model FLOPs per token / peak. Configs are timed
 in interleaved rounds so that machine noise hits them alike. Prints a Markdown table.
+A config spec may end in +KEY=VALUE overrides, as --config.KEY=VALUE would give.
 """
 
 from __future__ import annotations
@@ -52,7 +55,11 @@ class StepTimer:
   """A compiled train step of one config on synthetic tokens."""
 
   def __init__(self, spec: str, vocab_size: int):
-    self.cfg = cli.load_config(spec)
+    path, *overrides = spec.split('+')
+    self.cfg = cli.load_config(path)
+    for override in overrides:
+      key, _, raw = override.partition('=')
+      cli.apply_override(self.cfg, key, raw)
     self.name = spec
     model = build_model(self.cfg, vocab_size, seed=0)
     graphdef, state = nnx.split(model, nnx.Param)

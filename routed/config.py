@@ -20,6 +20,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.d_ff = 3072              # hidden width of the dense MLP and of each expert
   c.model.activation = 'gelu'      # MLP / expert nonlinearity: relu | gelu | silu
   c.model.rope_base = 10000.0      # rotary position embedding base (wavelength)
+  c.model.attention = 'auto'       # attention implementation (routed/model/attention.py):
+                                   # reference (einsum, the oracle) | dot_product
+                                   # (jax.nn.dot_product_attention; cuDNN on GPU) | splash
+                                   # (Pallas kernel, TPU) | auto (splash on TPU, dot_product on
+                                   # GPU, reference elsewhere)
   c.model.param_dtype = 'float32'  # dtype parameters are stored in: float32 | bfloat16
   c.model.compute_dtype = 'float32'  # dtype of activations and matmuls: float32 | bfloat16
   c.model.init_std = 0.02          # std of the normal init of embeddings and dense kernels
@@ -117,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
                                    # ~/.cache/routed/data
   c.data.vocab_size = 4096         # SentencePiece vocabulary trained on the stdlib corpus
   c.data.vocab_path = ''           # a SentencePiece model for the stdlib corpus instead
+  c.data.cross_document_attention = False  # False: a token attends only within its document
+                                   # of a packed row and rotary positions restart per
+                                   # document; True: the whole row is one sequence (as before
+                                   # 2026-12; for comparisons)
 
   # The device mesh (routed/sharding.py). Axis sizes multiply to the number of devices
   # over all processes; one of them may be -1 to take all remaining devices. The batch

@@ -67,7 +67,9 @@ def loss_weights(cfg) -> dict:
 def make_loss_fn(graphdef, cfg):
   """loss(params, batch, rng, train) -> (total loss, metrics dict).
 
-  The cross-entropy is the mean over target tokens that are not padding.
+  The cross-entropy is the mean over target tokens that are not padding. Attention
+  stays within documents, with rotary positions restarting at each, unless
+  data.cross_document_attention.
 
   Router losses are scalars, except 'reinforce': the per-token log-probability
   [B, L] of a policy router's sampled choices, which becomes the REINFORCE loss with
@@ -79,7 +81,9 @@ def make_loss_fn(graphdef, cfg):
   def loss_fn(params, batch, rng, train: bool):
     model = nnx.merge(graphdef, params)
     tokens = batch['tokens']
-    logits, aux = model(tokens[:, :-1], train=train, rng=rng)
+    documents = {} if cfg.data.cross_document_attention else {
+        'positions': batch['positions'][:, :-1], 'segment_ids': batch['segment_ids'][:, :-1]}
+    logits, aux = model(tokens[:, :-1], train=train, rng=rng, **documents)
     token_ce = token_cross_entropy(logits, tokens[:, 1:])
     real = (batch['segment_ids'][:, 1:] != 0).astype(token_ce.dtype)
     ce = jnp.sum(token_ce * real) / jnp.maximum(jnp.sum(real), 1.0)

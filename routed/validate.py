@@ -10,6 +10,7 @@ import os
 import tempfile
 
 from routed.cli import UsageError
+from routed.model.attention import ATTENTION
 from routed.model.dispatch import DISPATCHERS
 from routed.model.layers import ACTIVATIONS
 from routed.model.moe import ROUTERS
@@ -34,6 +35,7 @@ def validate_model(cfg) -> None:
   require((m.d_model // m.num_heads) % 2 == 0, 'model.num_heads',
           f'head width d_model/num_heads = {m.d_model // m.num_heads} must be even (rotary)')
   one_of(m.activation, ACTIVATIONS, 'model.activation')
+  one_of(m.attention, ATTENTION, 'model.attention')
   one_of(m.param_dtype, DTYPES, 'model.param_dtype')
   one_of(m.compute_dtype, DTYPES, 'model.compute_dtype')
   require(m.init_std > 0, 'model.init_std', f'must be > 0, got {m.init_std}')

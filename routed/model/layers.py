@@ -1,4 +1,4 @@
-"""Dense building blocks of the decoder: RMSNorm, rotary positions, causal attention, MLP.
+"""Dense building blocks of the decoder: RMSNorm, rotary positions, the attention layer, MLP.
 
 Shape letters used in this package:
   B  batch (sequences)            L  sequence length (tokens)
@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from routed.model.attention import ATTENTION
 
 ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'silu': jax.nn.silu}
 
@@ -41,8 +43,9 @@ class RMSNorm(nnx.Module):
 def rotate(x, positions, base: float):
   """Rotary position embedding (RoPE), rotate-half form.
 
-  x: [B, L, H, Dh]; positions: int [B, L] (a token's true position in its sequence,
-  which routed blocks must keep when they gather a subset of tokens).
+  x: [B, L, H, Dh]; positions: int [B, L], a token's position in its document (it
+  restarts at each document of a packed row), which routed blocks keep when they
+  gather a subset of tokens.
   """
   half = x.shape[-1] // 2
   freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)        # [Dh/2]
@@ -55,29 +58,30 @@ def rotate(x, positions, base: float):
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with rotary positions."""
+  """Causal multi-head self-attention with rotary positions, within documents.
+
+  `implementation` is model.attention (routed/model/attention.py: the reference
+  einsum and the kernels tested against it).
+  """
 
   def __init__(self, d_model: int, num_heads: int, *, rope_base: float, init_std: float,
-               dtype, param_dtype, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs, implementation: str = 'auto'):
     self.num_heads = num_heads
     self.head_dim = d_model // num_heads
     self.rope_base = rope_base
     self.dtype = dtype
+    self.attend = ATTENTION[implementation]
     self.qkv = normal_param(rngs, (d_model, 3, num_heads, self.head_dim), init_std, param_dtype)
     self.out = normal_param(rngs, (num_heads, self.head_dim, d_model), init_std, param_dtype)
 
-  def __call__(self, x, positions):  # x [B, L, D], positions [B, L] -> [B, L, D]
+  def __call__(self, x, positions, segment_ids=None):
+    """x [B, L, D] in sequence order; positions int [B, L] (rotary); segment_ids int
+    [B, L] (a token attends only within its document) or None -> [B, L, D]."""
     x = x.astype(self.dtype)
     q, k, v = jnp.unstack(jnp.einsum('bld,dthk->tblhk', x, self.qkv[...].astype(self.dtype)))
     q = rotate(q, positions, self.rope_base)
     k = rotate(k, positions, self.rope_base)
-    scores = jnp.einsum('bqhk,bshk->bhqs', q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
-    # Causality by position, not by index: a routed block may hand us a gathered
-    # subset of tokens, still in order, whose true positions are not 0..L-1.
-    causal = positions[:, None, :, None] >= positions[:, None, None, :]   # [B, 1, Lq, Ls]
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    ctx = jnp.einsum('bhqs,bshk->bqhk', probs, v)
+    ctx = self.attend(q, k, v, segment_ids)
     return jnp.einsum('bqhk,hkd->bqd', ctx, self.out[...].astype(self.dtype))
 
 

@@ -5,7 +5,7 @@ Shape letters as in layers.py (B batch, L sequence length, D d_model), plus
 
 A scalar router scores every token: logit r = x . w_r, weight g = sigmoid(r). In
 training the top-K tokens of each sequence (K = round(mod.capacity * L), at least 1)
-are gathered, in sequence order and with their true positions, into a [B, K, D]
+are gathered, in sequence order and with their positions and segment ids, into a [B, K, D]
 buffer that runs through the plain Block (attention among the chosen tokens, then the
 MLP or MoE layer), so compute really falls with capacity. The block's update
 (block(x) - x) of a chosen token is multiplied by g, which is what trains the router,
@@ -16,9 +16,9 @@ Top-K over the sequence sees the future, so training is not causal. Evaluation a
 sampling use the causal rule instead (routed/model/mod_causal.py): a token is chosen
 when the rule's logit is > 0 and fewer than K_eval = round(mod.eval_capacity * L)
 earlier tokens of its sequence were chosen; this depends only on tokens <= t and
-keeps a static buffer. Unfilled buffer slots get positions past the sequence, so
-causal attention (by position) keeps real tokens from seeing them, and their outputs
-are dropped on the scatter.
+keeps a static buffer. Unfilled buffer slots come after the chosen tokens, so
+causal attention (by order in the buffer) keeps real tokens from seeing them, and
+their outputs are dropped on the scatter.
 """
 
 from __future__ import annotations
@@ -107,16 +107,17 @@ class MoDBlock(nnx.Module):
       idx, valid = causal_selection(rule > 0, buffer_size(self.eval_capacity, l))
     return logits, rule, member, idx, valid
 
-  def __call__(self, x, positions, *, train: bool, rng=None, token_ids=None):
+  def __call__(self, x, positions, segment_ids=None, *, train: bool, rng=None, token_ids=None):
     b, l, _ = x.shape
     logits, rule, member, idx, valid = self.route(x, train=train)
     safe = jnp.where(valid, idx, 0)
     gather = lambda a: jnp.take_along_axis(a, safe.reshape(safe.shape + (1,) * (a.ndim - 2)), 1)
     xs = gather(x)                                                           # [B, K, D]
-    # Unfilled slots sit after every real token, so causal attention hides them.
-    ps = jnp.where(valid, gather(positions), l + jnp.arange(idx.shape[1], dtype=positions.dtype))
+    # Unfilled slots (index 0 here) sit after every chosen token, so causal attention
+    # hides them; their outputs are dropped on the scatter below.
     ids = None if token_ids is None else gather(token_ids)
-    ys, aux = self.block(xs, ps, train=train, rng=rng, token_ids=ids)
+    segs = None if segment_ids is None else gather(segment_ids)
+    ys, aux = self.block(xs, gather(positions), segs, train=train, rng=rng, token_ids=ids)
     weight = jax.nn.sigmoid(gather(logits)) * valid                          # [B, K]
     delta = (ys - xs) * weight[..., None].astype(ys.dtype)
     scatter = jax.vmap(lambda d, i: jnp.zeros((l,) + d.shape[1:], d.dtype).at[i].add(

@@ -37,20 +37,25 @@ class Block(nnx.Module):
     dtype, param_dtype = DTYPES[m.compute_dtype], DTYPES[m.param_dtype]
     self.attn_norm = RMSNorm(m.d_model, param_dtype=param_dtype)
     self.attn = Attention(m.d_model, m.num_heads, rope_base=m.rope_base, init_std=m.init_std,
-                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                          dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                          implementation=m.attention)
     self.ffn_norm = RMSNorm(m.d_model, param_dtype=param_dtype)
     ffn_args = dict(d_model=m.d_model, d_ff=m.d_ff, activation=m.activation,
                     init_std=m.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ffn = MoELayer(cfg.moe, **ffn_args) if moe else MLP(**ffn_args)
 
-  def __call__(self, x, positions, *, train: bool, rng=None, token_ids=None):
-    x = x + self.attn(self.attn_norm(x), positions)
+  def __call__(self, x, positions, segment_ids=None, *, train: bool, rng=None, token_ids=None):
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     y, aux = self.ffn(self.ffn_norm(x), train=train, rng=rng, token_ids=token_ids)
     return x + y, aux
 
 
 class Transformer(nnx.Module):
   """tokens int [B, L] -> (logits float32 [B, L, V], aux).
+
+  positions int [B, L]: rotary positions, counted within each document (default
+  0..L-1); segment_ids int [B, L]: a token attends only to earlier tokens with its own
+  segment id (default None: the whole row is one document).
 
   aux = {'losses': {name: mean over MoE layers}, 'metrics': {f'layer{i}/{name}': value}}.
   Losses are averaged (not summed) over MoE layers, so a loss weight means the same
@@ -74,7 +79,8 @@ class Transformer(nnx.Module):
       self.unembed = normal_param(rngs, (m.d_model, vocab_size), m.init_std,
                                   DTYPES[m.param_dtype])
 
-  def __call__(self, tokens, *, train: bool = False, rng=None, positions=None):
+  def __call__(self, tokens, *, train: bool = False, rng=None, positions=None,
+               segment_ids=None):
     b, l = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -84,7 +90,7 @@ class Transformer(nnx.Module):
       block_rng = None if rng is None else jax.random.fold_in(rng, i)
       # The residual stream stays split by sequence over the mesh's batch axes.
       x = constrain(x, RESIDUAL)
-      x, aux = block(x, positions, train=train, rng=block_rng, token_ids=tokens)
+      x, aux = block(x, positions, segment_ids, train=train, rng=block_rng, token_ids=tokens)
       for name, value in aux.get('losses', {}).items():
         losses.setdefault(name, []).append(value)
       for name, value in aux.get('metrics', {}).items():

@@ -1,0 +1,148 @@
+"""Causal self-attention over packed documents: one reference, fast kernels tested against it.
+
+Shape letters as in layers.py: B batch, L tokens (queries and keys alike: this is
+self-attention), H heads, Dh head width.
+
+Every implementation computes the same function of q, k, v [B, L, H, Dh] (rotary
+positions already applied) and segment_ids int [B, L]:
+
+  query i attends to key j  iff  j <= i  and  segment_ids[j] == segment_ids[i]
+
+Causality is by index in the array, so callers keep tokens in sequence order
+(Mixture-of-Depths gathers its subsets in order, unfilled slots last). A token always
+sees itself, so no softmax row is empty. segment_ids=None: one document per row, the
+causal mask alone (data.cross_document_attention=true).
+
+Implementations (config key model.attention):
+  reference    einsum scores in float32 [B, H, L, L], masked, softmax: the oracle.
+  dot_product  jax.nn.dot_product_attention. Causality is native (is_causal); the
+               document mask is a boolean [B, 1, L, L], since that API takes no segment
+               ids. On GPU with bfloat16/float16 it asks for cuDNN flash attention;
+               float32, and every other platform, use its XLA path.
+  splash       the Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu): a
+               causal mask and segment ids natively, never an [L, L] tensor; L is padded
+               to its block size. On TPU only; elsewhere the Pallas interpreter runs it
+               (tests). Under a mesh it runs per device (shard_map: batch, and heads
+               over `tensor` when they divide).
+  auto         splash on TPU, dot_product on GPU, reference elsewhere (the fastest on
+               CPU: benchmarks/RESULTS.md). Chosen when the program is lowered, so
+               routed.aot for a TPU topology compiles splash.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+SPLASH_BLOCK = 512      # largest splash block (tokens); short sequences use one block
+_LANES = 128            # splash blocks are multiples of the TPU lane width
+
+
+def _mask(segment_ids, length: int):
+  """bool [B or 1, 1, L, L]: causal, and within a document when segment_ids is given."""
+  idx = jnp.arange(length)
+  mask = (idx[:, None] >= idx[None, :])[None, None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  return mask
+
+
+def reference(q, k, v, segment_ids=None):
+  """The oracle: q, k, v [B, L, H, Dh] -> [B, L, H, Dh]."""
+  scores = jnp.einsum('bqhk,bshk->bhqs', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  scores = jnp.where(_mask(segment_ids, q.shape[1]), scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqs,bshk->bqhk', probs, v)
+
+
+def dot_product(q, k, v, segment_ids=None, *, implementation: str | None = 'xla'):
+  """jax.nn.dot_product_attention with a causal and a document mask."""
+  mask = None if segment_ids is None else _mask(segment_ids, q.shape[1])
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                      implementation=implementation)
+
+
+def _cudnn_or_xla(q, k, v, segment_ids=None):
+  # cuDNN's flash attention takes half precision and head widths up to 128 only.
+  ok = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
+  return dot_product(q, k, v, segment_ids, implementation='cudnn' if ok else 'xla')
+
+
+def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
+  # Built per trace, not cached: the kernel holds arrays made inside the trace. Its mask
+  # preprocessing is cached by splash itself. Imported here: only splash needs it.
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as kernel, splash_attention_mask as masks)
+  mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(heads)])
+  sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  run = kernel.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                               interpret=interpret)
+  return run, kernel.SegmentIds
+
+
+def _splash_local(q, k, v, segment_ids, *, interpret: bool):
+  b, l, h, dh = q.shape
+  block = min(SPLASH_BLOCK, -(-l // _LANES) * _LANES)
+  padded = -(-l // block) * block
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, l), jnp.int32)
+  # Padding goes after every real token (causality hides it) in a segment of its own.
+  pad = lambda a, value: jnp.pad(a, [(0, 0), (0, padded - l)] + [(0, 0)] * (a.ndim - 2),
+                                 constant_values=value)
+  seg = pad(segment_ids.astype(jnp.int32), -1)
+  heads_first = lambda a: jnp.transpose(pad(a, 0), (0, 2, 1, 3))        # [B, H, Lp, Dh]
+  run, segments = _splash_kernel(h, padded, block, interpret)
+  scale = jnp.asarray(1 / math.sqrt(dh), q.dtype)  # splash does not scale the scores
+  out = jax.vmap(lambda q1, k1, v1, s1: run(q1, k1, v1, segment_ids=segments(q=s1, kv=s1)))(
+      heads_first(q * scale), heads_first(k), heads_first(v), seg)
+  return jnp.transpose(out, (0, 2, 1, 3))[:, :l]
+
+
+def splash(q, k, v, segment_ids=None, *, interpret: bool = False):
+  """The splash kernel, per device under a mesh: q, k, v [B, L, H, Dh] -> [B, L, H, Dh]."""
+  from routed.model.expert_parallel import mesh_axes_here  # pylint: disable=g-import-not-at-top
+  from routed.sharding import RULES  # pylint: disable=g-import-not-at-top
+  local = functools.partial(_splash_local, interpret=interpret)
+  mesh = mesh_axes_here()
+  if mesh is None:
+    return local(q, k, v, segment_ids)
+  batch = tuple(a for a in RULES['batch'] if a in mesh.axis_names)
+  tensor = RULES['heads']
+  heads = tensor if tensor in mesh.axis_names and q.shape[2] % mesh.shape[tensor] == 0 else None
+  spec = P(batch, None, heads, None)
+  # check_vma=False: the kernel's pallas_call does not declare how its output varies
+  # over the mesh; every device's output is its own slice, as out_specs says.
+  per_device = functools.partial(jax.shard_map, mesh=mesh, out_specs=spec, check_vma=False)
+  if segment_ids is None:
+    return per_device(lambda q, k, v: local(q, k, v, None), in_specs=(spec,) * 3)(q, k, v)
+  return per_device(local, in_specs=(spec,) * 3 + (P(batch, None),))(q, k, v, segment_ids)
+
+
+def _on_platform(q, k, v, segment_ids, **branches):
+  """branches: platform (or default) -> fn(q, k, v, segment_ids), picked when the
+  program is lowered (so an AOT compile for TPU from a CPU host gets the TPU branch)."""
+  if segment_ids is None:
+    drop = lambda fn: lambda q, k, v: fn(q, k, v, None)
+    return jax.lax.platform_dependent(q, k, v, **{p: drop(fn) for p, fn in branches.items()})
+  return jax.lax.platform_dependent(q, k, v, segment_ids, **branches)
+
+
+# model.attention -> fn(q, k, v, segment_ids=None) -> [B, L, H, Dh].
+ATTENTION = {
+    'reference': reference,
+    'dot_product': lambda q, k, v, segment_ids=None: _on_platform(
+        q, k, v, segment_ids, cuda=_cudnn_or_xla, default=dot_product),
+    # Mosaic on TPU; the Pallas interpreter elsewhere (slow: for tests and AOT checks).
+    'splash': lambda q, k, v, segment_ids=None: _on_platform(
+        q, k, v, segment_ids, tpu=splash,
+        default=functools.partial(splash, interpret=True)),
+    'auto': lambda q, k, v, segment_ids=None: _on_platform(
+        q, k, v, segment_ids, tpu=splash, cuda=_cudnn_or_xla, default=reference),
+}
+IMPLEMENTATIONS = tuple(ATTENTION)
