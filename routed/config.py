@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
                                    # (jax.nn.dot_product_attention; cuDNN on GPU) | splash
                                    # (Pallas kernel, TPU) | auto (splash on TPU, dot_product on
                                    # GPU, reference elsewhere)
+  c.model.remat = 'none'           # rematerialisation per block: none | dots_saveable | minimal |
+                                   # full (what each saves: routed/model/transformer.py)
   c.model.param_dtype = 'float32'  # dtype parameters are stored in: float32 | bfloat16
   c.model.compute_dtype = 'float32'  # dtype of activations and matmuls: float32 | bfloat16
   c.model.init_std = 0.02          # std of the normal init of embeddings and dense kernels
@@ -40,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
                                    # or the relu gate); switch, sbase, hash, reinforce are top-1
   c.moe.capacity_factor = 1.25     # expert capacity in training: C = ceil(cf * S / E) tokens
   c.moe.eval_capacity_factor = 2.0  # the same at evaluation and sampling
+  c.moe.group_size = 0             # tokens per routing group S: a multiple of train.seq_len,
+                                   # that many consecutive sequences of a data shard filled
+                                   # position-major (causal; routed/model/moe.py); 0 = one
+                                   # sequence. Sampling routes each prompt alone.
   c.moe.dispatch = 'einsum'        # dispatch backend: einsum | gather (with capacity) |
                                    # ragged | tiled | pallas (dropless: ignore capacity);
                                    # see routed/model/dispatch.py
@@ -88,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 10000            # optimizer steps
   c.train.batch_size = 64          # sequences per step
-  c.train.seq_len = 512            # tokens per sequence (also the MoE routing group size S)
+  c.train.seq_len = 512            # tokens per sequence
   c.train.seed = 0                 # seeds parameter init, router noise and batch order
   c.train.learning_rate = 1e-3     # peak AdamW learning rate
   c.train.warmup_steps = 500       # linear warmup from 0 to the peak

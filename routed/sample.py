@@ -46,6 +46,8 @@ def load_run_config(workdir: str):
     cfg.update(saved)
   except (TypeError, KeyError, AttributeError) as e:
     raise cli.UsageError(f'--workdir: {path} does not read as a config: {e}') from None
+  # Each prompt is its own routing group: prompts must not take each other's capacity.
+  cfg.moe.group_size = 0
   return cfg
 
 

@@ -14,7 +14,7 @@ from routed.model.attention import ATTENTION
 from routed.model.dispatch import DISPATCHERS
 from routed.model.layers import ACTIVATIONS
 from routed.model.moe import ROUTERS
-from routed.model.transformer import DTYPES
+from routed.model.transformer import DTYPES, REMAT
 
 
 def require(condition: bool, key: str, problem: str) -> None:
@@ -36,6 +36,7 @@ def validate_model(cfg) -> None:
           f'head width d_model/num_heads = {m.d_model // m.num_heads} must be even (rotary)')
   one_of(m.activation, ACTIVATIONS, 'model.activation')
   one_of(m.attention, ATTENTION, 'model.attention')
+  one_of(m.remat, REMAT, 'model.remat')
   one_of(m.param_dtype, DTYPES, 'model.param_dtype')
   one_of(m.compute_dtype, DTYPES, 'model.compute_dtype')
   require(m.init_std > 0, 'model.init_std', f'must be > 0, got {m.init_std}')
@@ -133,9 +134,16 @@ def validate_training(cfg) -> None:
   require(cfg.eval.every_steps >= 0, 'eval.every_steps', f'must be >= 0, got {cfg.eval.every_steps}')
   require(cfg.eval.num_batches >= 1, 'eval.num_batches', f'must be >= 1, got {cfg.eval.num_batches}')
   require(cfg.eval.batch_size >= 0, 'eval.batch_size', f'must be >= 0, got {cfg.eval.batch_size}')
+  group = cfg.moe.group_size
+  require(group >= 0 and group % t.seq_len == 0, 'moe.group_size',
+          f'must be a multiple of train.seq_len={t.seq_len} (0 = one sequence), got {group}')
+  n = max(1, group // t.seq_len)  # sequences per routing group
   shards = cfg.moe.balance_shards
   for key, size in (('train.batch_size', t.batch_size), ('eval.batch_size', cfg.eval.batch_size)):
-    require(size % shards == 0, 'moe.balance_shards', f'{shards} does not divide {key}={size}')
+    require(size % n == 0, 'moe.group_size',
+            f'groups of {n} sequences do not divide {key}={size}')
+    require(size // n % shards == 0, 'moe.balance_shards',
+            f'{shards} does not divide the {size // n} routing groups of {key}={size}')
   require(cfg.checkpoint.every_steps >= 1, 'checkpoint.every_steps',
           f'must be >= 1, got {cfg.checkpoint.every_steps}')
   require(cfg.checkpoint.keep >= 1, 'checkpoint.keep', f'must be >= 1, got {cfg.checkpoint.keep}')
@@ -170,9 +178,13 @@ def validate_mesh(cfg, num_devices: int) -> None:
   for axis in RULES['batch']:
     shards *= sizes[axis]
   eval_size = cfg.eval.batch_size or cfg.train.batch_size
+  n = max(1, cfg.moe.group_size // cfg.train.seq_len)  # sequences per routing group
   for key, size in (('train.batch_size', cfg.train.batch_size), ('eval.batch_size', eval_size)):
     require(size % shards == 0, key, f'{size} sequences do not split over the {shards} batch '
             f'shards of the mesh (mesh.data x mesh.fsdp x mesh.expert)')
+    require(size // shards % n == 0, 'moe.group_size',
+            f'the {size // shards} sequences of {key}={size} on each batch shard do not form '
+            f'routing groups of {n} sequences')
   expert = sizes['expert']
   require(cfg.moe.every == 0 or cfg.moe.num_experts % expert == 0, 'moe.num_experts',
           f'{cfg.moe.num_experts} experts do not split over mesh.expert={expert} devices')

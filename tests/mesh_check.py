@@ -10,6 +10,9 @@ and mesh, the largest difference from the one-device mesh in every per-step metr
 (loss, ce, the aux losses, grad norm) and in the parameters after the last step.
 `dispatch`: one MoE layer's output and gradients for every dispatch backend with
 expert parallelism, against the same layer without a mesh.
+`scale`: as `train`, for Switch with routing groups of two sequences and the splash
+attention kernel (Pallas interpreter, run per device by shard_map) on packed rows of
+several documents.
 """
 
 from __future__ import annotations
@@ -43,8 +46,24 @@ def tiny_config(router: str, mesh):
   return cfg
 
 
-def train_on(router: str, mesh_sizes):
-  cfg = tiny_config(router, mesh_sizes)
+def scale_config(router: str, mesh):
+  cfg = tiny_config(router, mesh)
+  cfg.moe.group_size = 2 * cfg.train.seq_len
+  cfg.model.attention = 'splash'
+  return cfg
+
+
+def packed(tokens):
+  """A batch whose rows hold documents of 5 tokens (rotary positions restart)."""
+  batch = dict(step.token_batch(tokens))
+  index = np.arange(tokens.shape[1])
+  batch['segment_ids'] = np.broadcast_to(1 + index // 5, tokens.shape).astype(np.int32)
+  batch['positions'] = np.broadcast_to(index % 5, tokens.shape).astype(np.int32)
+  return batch
+
+
+def train_on(router: str, mesh_sizes, make_config=tiny_config, make_batch=step.token_batch):
+  cfg = make_config(router, mesh_sizes)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(mesh_sizes))])
   optimizer = step.make_optimizer(cfg.train)
   graphdef, params, opt_state, layout = create_state(cfg, VOCAB, mesh, optimizer)
@@ -56,18 +75,18 @@ def train_on(router: str, mesh_sizes):
     with jax.set_mesh(mesh):
       params, opt_state, metrics = train_step(
           params, opt_state, sharding.global_batch(
-              dict(step.token_batch(tokens)), np.arange(len(tokens)), layout.batch,
+              dict(make_batch(tokens)), np.arange(len(tokens)), layout.batch,
               len(tokens)), i)
     history.append({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0})
   return history, jax.tree.map(np.asarray, params)
 
 
-def check_train() -> dict:
+def check_train(routers=ROUTERS, meshes=MESHES, **kwargs) -> dict:
   out = {}
-  for router in ROUTERS:
-    ref_history, ref_params = train_on(router, MESHES[0])
-    for mesh in MESHES[1:]:
-      history, params = train_on(router, mesh)
+  for router in routers:
+    ref_history, ref_params = train_on(router, meshes[0], **kwargs)
+    for mesh in meshes[1:]:
+      history, params = train_on(router, mesh, **kwargs)
       diffs = {name: max(abs(h[name] - r[name]) for h, r in zip(history, ref_history))
                for name in ref_history[0]}
       diffs['params'] = max(float(np.max(np.abs(a - b)))
@@ -109,4 +128,7 @@ def check_dispatch() -> dict:
 
 if __name__ == '__main__':
   assert jax.device_count() == 8, 'run with XLA_FLAGS=--xla_force_host_platform_device_count=8'
-  print(json.dumps({'train': check_train, 'dispatch': check_dispatch}[sys.argv[1]]()))
+  check_scale = lambda: check_train(('switch',), ((1, 1, 1, 1), (2, 1, 2, 2), (4, 1, 1, 2)),
+                                    make_config=scale_config, make_batch=packed)
+  print(json.dumps({'train': check_train, 'dispatch': check_dispatch,
+                    'scale': check_scale}[sys.argv[1]]()))

@@ -42,6 +42,17 @@ def test_training_on_meshes_equals_one_device():
 
 
 @pytest.mark.slow
+def test_routing_groups_and_splash_attention_on_meshes_equal_one_device():
+  """Switch with two-sequence routing groups and the splash kernel over packed
+  documents: 3 train steps on 2 meshes (tensor=2 splits the heads) = one device."""
+  result = run_mesh_check('scale')
+  assert len(result) == 2
+  for case, diffs in result.items():
+    for name, diff in diffs.items():
+      assert diff < 5e-6, (case, name, diff)
+
+
+@pytest.mark.slow
 def test_every_dispatch_backend_with_expert_parallelism():
   """Output and gradients of one MoE layer with experts split over 4 devices (and
   over 2 with tensor parallelism) = the layer without a mesh, for every backend."""

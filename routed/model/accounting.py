@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from routed.model.mod import buffer_size, mod_blocks
-from routed.model.moe import ROUTERS
+from routed.model.moe import ROUTERS, group_sequences
 from routed.model.transformer import moe_blocks
 
 
@@ -48,7 +48,7 @@ def model_size(cfg, vocab_size: int) -> ModelSize:
   attention = 0.0    # forward attention FLOPs per token: scores + values
   for is_moe, is_mod in zip(moe_blocks(cfg), mod_blocks(cfg)):
     if is_moe:
-      cost = ROUTERS[moe.router].cost(moe, d, L)
+      cost = ROUTERS[moe.router].cost(moe, d, L * group_sequences(cfg))
       expert = 2 * d * (moe.expert_d_ff or f)
       shared = moe.num_shared_experts * expert
       fixed = attn + norms + cost.params + shared

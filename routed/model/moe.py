@@ -1,8 +1,15 @@
 """The mixture-of-experts FFN: a router, a bank of expert MLPs and a dispatcher; and
 the registry of routers (config key moe.router).
 
-Shape letters as in routers.py: G groups (one sequence each), S tokens per group,
-E experts, C capacity, D d_model, F expert d_ff.
+Shape letters as in routers.py: G groups, S tokens per group, E experts, C capacity,
+D d_model, F expert d_ff; and B sequences, L tokens per sequence, n sequences per group.
+
+A routing group is n = moe.group_size / seq_len consecutive sequences of the batch
+(one by default), so S = n * L and G = B / n. Its slots are filled position-major:
+the n tokens at position 0, then the n at position 1, ... Capacity then binds on
+earlier positions first, so a token's routing still depends only on tokens at the
+same or earlier positions, and the model stays causal; the balance of larger groups
+is what lowers the drop rate.
 """
 
 from __future__ import annotations
@@ -32,6 +39,25 @@ ROUTERS = {
     'hash': HashRouter,
     'reinforce': ReinforceRouter,
 }
+
+
+def group_sequences(cfg) -> int:
+  """n: sequences per routing group (moe.group_size tokens; 0 = one sequence)."""
+  return max(1, cfg.moe.group_size // cfg.train.seq_len)
+
+
+def to_groups(a, n: int):
+  """[B, L, ...] -> [B / n, L * n, ...], position-major within each group of n rows."""
+  b, l = a.shape[:2]
+  a = a.reshape(b // n, n, l, *a.shape[2:])
+  return jnp.swapaxes(a, 1, 2).reshape(b // n, l * n, *a.shape[3:])
+
+
+def from_groups(a, n: int):
+  """The inverse of to_groups: [G, S, ...] -> [G * n, S / n, ...]."""
+  g, s = a.shape[:2]
+  a = a.reshape(g, s // n, n, *a.shape[2:])
+  return jnp.swapaxes(a, 1, 2).reshape(g * n, s // n, *a.shape[3:])
 
 
 def is_causal(cfg, train: bool) -> bool:
@@ -71,15 +97,16 @@ class Experts(nnx.Module):
 class MoELayer(nnx.Module):
   """Drop-in replacement for the dense MLP: x [B, L, D] -> (y [B, L, D], aux).
 
-  Each sequence is one routing group (G = B, S = L): capacity is per sequence, and
-  with the causal routers a token's routing never depends on later tokens.
+  A routing group is `group_sequences` sequences, filled position-major (module
+  docstring): capacity is per group, and with the causal routers a token's routing
+  never depends on later positions.
   y = routed experts' output + shared experts' output; moe.num_shared_experts
   always-on experts (DeepSeekMoE) are one dense MLP of width num_shared * F, which
   equals their sum. aux = {'losses': {name: value}, 'metrics': {name: array}}.
   """
 
   def __init__(self, moe_cfg, *, d_model: int, d_ff: int, activation: str, init_std: float,
-               dtype, param_dtype, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs, group_sequences: int = 1):
     expert_d_ff = moe_cfg.expert_d_ff or d_ff
     self.router = ROUTERS[moe_cfg.router].from_config(moe_cfg, d_model, rngs)
     self.experts = Experts(moe_cfg.num_experts, d_model, expert_d_ff, activation=activation,
@@ -89,12 +116,19 @@ class MoELayer(nnx.Module):
                       param_dtype=param_dtype, rngs=rngs) if moe_cfg.num_shared_experts else None
     self.dispatch = dispatch_lib.DISPATCHERS[moe_cfg.dispatch]
     self.dropless = moe_cfg.dispatch in dispatch_lib.DROPLESS
+    self.group_sequences = group_sequences
 
   def __call__(self, x, *, train: bool, rng=None, token_ids=None):
-    decision, losses, metrics = self.router(x, train=train, rng=rng, token_ids=token_ids)
+    n = self.group_sequences
+    xg = to_groups(x, n)                                                  # [G, S, D]
+    ids = None if token_ids is None else to_groups(token_ids, n)
+    decision, losses, metrics = self.router(xg, train=train, rng=rng, token_ids=ids)
     # Per device under a mesh, exchanging tokens with the experts' devices.
-    y = dispatch_on_mesh(self.dispatch, x.astype(self.experts.dtype), decision, self.experts,
+    y = dispatch_on_mesh(self.dispatch, xg.astype(self.experts.dtype), decision, self.experts,
                          dropless=self.dropless)
+    y = from_groups(y, n)
     if self.shared is not None:
       y = y + self.shared(x)[0]
+    # Per-token loss entries ([G, S]: REINFORCE's log-probabilities) back to [B, L].
+    losses = {k: from_groups(v, n) if v.ndim == 2 else v for k, v in losses.items()}
     return y, {'losses': losses, 'metrics': metrics}

@@ -4,6 +4,16 @@ Shape letters: B batch, L sequence length, D d_model, V vocabulary (see layers.p
 Block i (counting from 1) has an MoE FFN when moe.every > 0 and i % moe.every == 0
 (Switch: every other block); all other blocks have the dense MLP. moe.every = 0 gives
 a dense model.
+
+Rematerialisation (model.remat) wraps each block in jax.checkpoint: the backward pass
+recomputes what the policy does not save, trading FLOPs for activation memory.
+  none           save everything the backward pass needs (most memory, no recompute)
+  dots_saveable  save every matmul output; recompute the elementwise work (norms,
+                 activations, softmax): a little compute for much of the memory
+  minimal        save only matmuls without batch dimensions (the projections x @ W);
+                 recompute attention scores and probabilities and the expert matmuls
+  full           save only each block's input; recompute the whole block (least
+                 memory, about one more forward pass)
 """
 
 from __future__ import annotations
@@ -20,6 +30,13 @@ from routed.model.mod import MoDBlock, mod_blocks
 from routed.sharding import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# model.remat -> what jax.checkpoint saves of a block (see the module docstring).
+REMAT_POLICIES = {
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
+REMAT = ('none',) + tuple(REMAT_POLICIES)
 RESIDUAL = ('batch', None, None)  # logical dims of the residual stream [B, L, D]
 
 
@@ -42,7 +59,8 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(m.d_model, param_dtype=param_dtype)
     ffn_args = dict(d_model=m.d_model, d_ff=m.d_ff, activation=m.activation,
                     init_std=m.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.ffn = MoELayer(cfg.moe, **ffn_args) if moe else MLP(**ffn_args)
+    self.ffn = (MoELayer(cfg.moe, **ffn_args, group_sequences=moe_lib.group_sequences(cfg))
+                if moe else MLP(**ffn_args))
 
   def __call__(self, x, positions, segment_ids=None, *, train: bool, rng=None, token_ids=None):
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
@@ -75,6 +93,7 @@ class Transformer(nnx.Module):
         else Block(cfg, moe=is_moe, rngs=rngs)
         for is_moe, is_mod in zip(moe_blocks(cfg), mod_blocks(cfg))])
     self.final_norm = RMSNorm(m.d_model, param_dtype=DTYPES[m.param_dtype])
+    self.remat = m.remat
     if not m.tie_embeddings:
       self.unembed = normal_param(rngs, (m.d_model, vocab_size), m.init_std,
                                   DTYPES[m.param_dtype])
@@ -85,12 +104,16 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    run = lambda block, x, rng: block(x, positions, segment_ids, train=train, rng=rng,
+                                      token_ids=tokens)
+    if self.remat != 'none':
+      run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
     losses, metrics = {}, {}
     for i, block in enumerate(self.blocks):
       block_rng = None if rng is None else jax.random.fold_in(rng, i)
       # The residual stream stays split by sequence over the mesh's batch axes.
       x = constrain(x, RESIDUAL)
-      x, aux = block(x, positions, segment_ids, train=train, rng=block_rng, token_ids=tokens)
+      x, aux = run(block, x, block_rng)
       for name, value in aux.get('losses', {}).items():
         losses.setdefault(name, []).append(value)
       for name, value in aux.get('metrics', {}).items():

@@ -1,0 +1,114 @@
+"""Scale machinery: rematerialisation and multi-sequence routing groups."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from routed.cli import UsageError
+from routed.config import base_config
+from routed.model import moe as moe_lib
+from routed.model.transformer import build_model
+from routed.step import make_loss_fn, token_batch
+from routed.validate import validate
+
+VOCAB = 61
+L = 12
+
+
+def tiny_cfg(**over):
+  c = base_config()
+  c.model.update(d_model=32, num_heads=4, num_layers=2, d_ff=64)
+  c.moe.update(num_experts=4)
+  c.train.update(seq_len=L, batch_size=8)
+  for key, value in over.items():
+    group, name = key.split('.')
+    c[group][name] = value
+  return c
+
+
+# --- rematerialisation -------------------------------------------------------------
+
+def remat_loss(remat: str):
+  """params and loss(params) of a tiny MoDE model (MoD around MoE blocks) in training."""
+  cfg = tiny_cfg(**{'model.remat': remat, 'mod.enabled': True, 'mod.capacity': 0.5})
+  graphdef, state = nnx.split(build_model(cfg, VOCAB, seed=0), nnx.Param)
+  batch = token_batch(np.random.default_rng(0).integers(0, VOCAB, (8, L + 1)))
+  loss_fn = make_loss_fn(graphdef, cfg)
+  return nnx.to_pure_dict(state), lambda p: loss_fn(p, batch, jax.random.key(0), True)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def remat_grads(remat: str):
+  params, loss = remat_loss(remat)
+  return jax.jit(jax.grad(loss))(params)
+
+
+@pytest.mark.parametrize('remat', [
+    'full', pytest.param('dots_saveable', marks=pytest.mark.slow),
+    pytest.param('minimal', marks=pytest.mark.slow)])
+def test_remat_gradients_equal_the_plain_model(remat):
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               remat_grads(remat), remat_grads('none'))
+
+
+def test_remat_policies_save_less_in_order():
+  """Bytes the backward pass keeps from the forward pass (the VJP's residuals, from
+  shapes alone): none > dots_saveable > minimal > full."""
+  def residual_bytes(remat):
+    params, loss = remat_loss(remat)
+    leaves = jax.tree.leaves(jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
+  sizes = [residual_bytes(r) for r in ('none', 'dots_saveable', 'minimal', 'full')]
+  assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
+
+
+# --- routing groups ----------------------------------------------------------------
+
+def test_groups_are_position_major_and_invertible():
+  a = jnp.arange(12).reshape(4, 3)                     # 4 sequences of 3 tokens
+  g = moe_lib.to_groups(a, 2)
+  np.testing.assert_array_equal(g, [[0, 3, 1, 4, 2, 5], [6, 9, 7, 10, 8, 11]])
+  np.testing.assert_array_equal(moe_lib.from_groups(g, 2), a)
+  x = jnp.arange(4 * 3 * 2).reshape(4, 3, 2)
+  np.testing.assert_array_equal(moe_lib.from_groups(moe_lib.to_groups(x, 4), 4), x)
+
+
+@functools.lru_cache(maxsize=None)
+def eval_apply(group_size: int):
+  cfg = tiny_cfg(**{'moe.eval_capacity_factor': 0.5, 'moe.group_size': group_size})
+  graphdef, state = nnx.split(build_model(cfg, VOCAB, seed=0), nnx.Param)
+  params = nnx.to_pure_dict(state)
+  return jax.jit(lambda t: nnx.merge(graphdef, params)(t, train=False))
+
+
+def test_model_with_groups_of_four_sequences_is_causal():
+  """Changing later tokens of all four sequences of a group leaves every earlier
+  logit unchanged, with capacity binding (the model-level causality test)."""
+  apply = eval_apply(4 * L)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, (8, L))
+  perturbed = tokens.copy()
+  perturbed[:, 7:] = rng.integers(0, VOCAB, (8, L - 7))
+  a, aux = apply(jnp.asarray(tokens))
+  b, _ = apply(jnp.asarray(perturbed))
+  assert float(aux['metrics']['layer1/dropped']) > 0
+  np.testing.assert_allclose(a[:, :7], b[:, :7], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(a[:, 7:], b[:, 7:])
+  # The group really spans sequences: one sequence's later tokens change another's
+  # routing at those positions, so its logits there differ from one-sequence groups.
+  one, _ = eval_apply(0)(jnp.asarray(tokens))
+  assert not np.allclose(one, a)
+
+
+@pytest.mark.parametrize('over,key', [
+    ({'moe.group_size': 18}, 'moe.group_size'),                       # not k * seq_len
+    ({'moe.group_size': 3 * L}, 'moe.group_size'),                    # 3 does not divide 8
+    ({'moe.group_size': 4 * L, 'moe.balance_shards': 4}, 'moe.balance_shards'),  # 2 groups
+])
+def test_bad_group_size_is_one_line(over, key):
+  with pytest.raises(UsageError, match=key):
+    validate(tiny_cfg(**over))
