@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import time
 
 from routed import cli
 
@@ -81,7 +82,8 @@ def prepared_vocab_size(data_cfg) -> int:
 
 
 def compile_train_step(cfg, devices, vocab_size: int):
-  """Lowers and compiles routed.train's step for devices; returns (compiled, params, opt)."""
+  """Lowers and compiles routed.train's step for devices; returns (compiled, params,
+  opt_state, mesh, seconds the lowering and compiling took)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from routed import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -95,12 +97,14 @@ def compile_train_step(cfg, devices, vocab_size: int):
   row = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=layout.batch)
   batch = {'tokens': row, 'segment_ids': row, 'positions': row}
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated)
+  start = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = train_step.lower(params, opt_state, batch, step).compile()
-  return compiled, params, opt_state, mesh
+  return compiled, params, opt_state, mesh, time.perf_counter() - start
 
 
-def report(cfg, topology: str, devices, compiled, params, opt_state, mesh, vocab_size) -> dict:
+def report(cfg, topology: str, devices, compiled, params, opt_state, mesh, vocab_size,
+           compile_s: float) -> dict:
   from routed.kernels.aot import summary  # pylint: disable=g-import-not-at-top
   from routed.model.accounting import model_size  # pylint: disable=g-import-not-at-top
   kind = topology.split(':')[0]
@@ -119,6 +123,10 @@ def report(cfg, topology: str, devices, compiled, params, opt_state, mesh, vocab
   model_flops = model_size(cfg, vocab_size).train_flops_per_token * t.batch_size * t.seq_len
   compiled_flops = float(cost.get('flops', 0.0)) * len(devices)
   kernels = summary(compiled)
+  # What attention ran: the splash kernel shows in the program as Mosaic calls by name.
+  attention = cfg.model.attention
+  ran = 'splash' if 'splash' in compiled.as_text() else (
+      'reference' if attention == 'auto' else attention)
   return {
       'topology': topology, 'devices': len(devices), 'chips': chips,
       'mesh': dict(mesh.shape),
@@ -128,6 +136,9 @@ def report(cfg, topology: str, devices, compiled, params, opt_state, mesh, vocab
       'compiled_tflop_per_step': compiled_flops / 1e12, 'model_tflop_per_step': model_flops / 1e12,
       'mfu_upper_bound': model_flops / compiled_flops if compiled_flops else float('nan'),
       'mosaic_kernels': kernels['mosaic_kernels'], 'routed_kernels': kernels['routed_kernels'],
+      'attention': f'{attention} -> {ran}' if attention != ran else ran,
+      'remat': cfg.model.remat, 'microbatches': t.microbatches,
+      'compile_s': compile_s,
   }
 
 
@@ -140,7 +151,9 @@ def table(r: dict) -> str:
       f" = {r['total_gib']:.2f} GiB of {r['hbm_gib']:.1f} GiB HBM"
       f" ({'fits' if r['fits'] else 'DOES NOT FIT'})",
       f"per step: {r['compiled_tflop_per_step']:.3g} TFLOP compiled, "
-      f"{r['model_tflop_per_step']:.3g} TFLOP model -> MFU at most {r['mfu_upper_bound']:.1%}"])
+      f"{r['model_tflop_per_step']:.3g} TFLOP model -> MFU at most {r['mfu_upper_bound']:.1%}",
+      f"attention {r['attention']}, remat {r['remat']}, microbatches {r['microbatches']}; "
+      f"compiled in {r['compile_s']:.0f} s"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
   except cli.UsageError as e:
     print(f'routed.aot: {e} (topology {topology})', file=sys.stderr)
     return 2
-  compiled, params, opt_state, mesh = compile_train_step(cfg, devices, vocab_size)
-  result = report(cfg, topology, devices, compiled, params, opt_state, mesh, vocab_size)
+  compiled, params, opt_state, mesh, seconds = compile_train_step(cfg, devices, vocab_size)
+  result = report(cfg, topology, devices, compiled, params, opt_state, mesh, vocab_size,
+                  seconds)
   print(table(result))
   print(json.dumps(result))
   return 0 if result['fits'] else 1

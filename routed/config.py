@@ -67,9 +67,13 @@ def base_config() -> ml_collections.ConfigDict:
                                    # active experts per token exceeds this
   # Load balance: E * sum_i f_i P_i, f_i = share of all k choices on expert i (sum f = 1).
   c.moe.balance_scope = 'micro'    # micro: f per batch slice | global: f from the counts of all
-                                   # slices summed ("Demons in the Detail")
-  c.moe.balance_shards = 1         # slices the batch is viewed as (data-parallel shards or
-                                   # micro-batches); must divide the train and eval batch sizes
+                                   # slices and all train.microbatches of the step summed
+                                   # ("Demons in the Detail"; with microbatches > 1 it costs a
+                                   # forward pass more). micro is the default: the Switch /
+                                   # GShard recipe every published routing baseline used
+  c.moe.balance_shards = 1         # slices a step's batch is viewed as (data-parallel shards
+                                   # or micro-batches); with train.microbatches = k each
+                                   # microbatch is balance_shards / k slices (at least one)
   # Other routers:
   c.moe.slots_per_expert = 1       # soft: slots P per expert; S / E slots each = top-1 FLOPs
   c.moe.sinkhorn_iters = 8         # sbase: Sinkhorn normalisations per training step
@@ -95,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 10000            # optimizer steps
   c.train.batch_size = 64          # sequences per step
   c.train.seq_len = 512            # tokens per sequence
+  c.train.microbatches = 1         # gradient accumulation: each step's batch runs as this many
+                                   # equal slices inside the jitted step; the update equals one
+                                   # step on the whole batch (routed/step.py)
   c.train.seed = 0                 # seeds parameter init, router noise and batch order
   c.train.learning_rate = 1e-3     # peak AdamW learning rate
   c.train.warmup_steps = 500       # linear warmup from 0 to the peak

@@ -9,6 +9,8 @@ opt_state is optax's. A batch is the data pipeline's dict of int32 [B, L + 1] ar
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -78,15 +80,22 @@ def make_loss_fn(graphdef, cfg):
   """
   weights = loss_weights(cfg)
 
-  def loss_fn(params, batch, rng, train: bool):
+  def loss_fn(params, batch, rng, train: bool, num_targets=None, share: float = 1.0,
+              balance_counts=None):
+    """num_targets: real targets of the whole step's batch when this is one of its
+    microbatches (the cross-entropy is then this batch's sum over that count), and
+    share its fraction of the rows, which the auxiliary losses are weighted by;
+    balance_counts: the step's expert counts per MoE block (accumulated_grads)."""
     model = nnx.merge(graphdef, params)
     tokens = batch['tokens']
     documents = {} if cfg.data.cross_document_attention else {
         'positions': batch['positions'][:, :-1], 'segment_ids': batch['segment_ids'][:, :-1]}
-    logits, aux = model(tokens[:, :-1], train=train, rng=rng, **documents)
+    logits, aux = model(tokens[:, :-1], train=train, rng=rng, balance_counts=balance_counts,
+                        **documents)
     token_ce = token_cross_entropy(logits, tokens[:, 1:])
     real = (batch['segment_ids'][:, 1:] != 0).astype(token_ce.dtype)
-    ce = jnp.sum(token_ce * real) / jnp.maximum(jnp.sum(real), 1.0)
+    ce = jnp.sum(token_ce * real) / jnp.maximum(
+        jnp.sum(real) if num_targets is None else num_targets, 1.0)
     loss = ce
     metrics = {'ce': ce}
     for name, value in aux['losses'].items():
@@ -94,7 +103,7 @@ def make_loss_fn(graphdef, cfg):
         if not train:
           continue
         value = reinforce_loss(value, token_ce)
-      loss = loss + weights[name] * value
+      loss = loss + share * weights[name] * value
       metrics[f'{name}_loss'] = value
     metrics['loss'] = loss
     metrics.update({f'moe/{k}': v for k, v in aux['metrics'].items()})
@@ -103,13 +112,94 @@ def make_loss_fn(graphdef, cfg):
   return loss_fn
 
 
+def is_summed(metric: str) -> bool:
+  """Whether a microbatch's metric is its part of the step's sum (the loss, the
+  cross-entropy, expert counts); all other metrics are averaged over microbatches."""
+  return metric in ('loss', 'ce') or metric.endswith('/choices')
+
+
+def layer_choices(metrics) -> dict:
+  """{block index: active choices per expert [N]} from loss_fn's metrics."""
+  return {int(key.split('/')[1][len('layer'):]): value for key, value in metrics.items()
+          if key.startswith('moe/layer') and key.endswith('/choices')}
+
+
+def batch_shards() -> int:
+  """Devices the batch is split over under the mesh being traced for (1 without one)."""
+  from routed.sharding import RULES  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape[a] for a in RULES['batch'] if a in mesh.axis_names)
+
+
+def microbatch_rows(a, microbatches: int, shards: int):
+  """[B, ...] -> [k, B / k, ...]: microbatch m holds the m-th k-th of every batch
+  shard's rows, so each microbatch stays spread over all devices (no resharding) and
+  on one device it is simply rows m * B / k ... (m + 1) * B / k - 1."""
+  b = a.shape[0]
+  a = a.reshape(shards, microbatches, b // (shards * microbatches), *a.shape[1:])
+  return jnp.swapaxes(a, 0, 1).reshape(microbatches, b // microbatches, *a.shape[3:])
+
+
+def accumulated_grads(loss_fn, params, batch, rng, microbatches: int,
+                      balance_scope: str = 'micro'):
+  """(grads, metrics) of loss_fn on the whole batch, computed in `microbatches` equal
+  slices of its rows under lax.scan, so only one slice's activations are live.
+
+  The result is one step on the whole batch: the cross-entropy of each slice is its
+  sum over the real targets of the whole batch, and each auxiliary loss is weighted
+  by the slice's share of the rows (each is a mean over equal slices). Router noise is
+  drawn per slice (fold_in(rng, i)), so noisy routers draw other noise than at
+  microbatches=1; REINFORCE's in-batch baseline is the slice's.
+
+  The `global` balance scope needs each MoE layer's expert counts over the whole
+  step before any slice's loss: a first pass runs the slices forward only (about a
+  third of a step's FLOPs more) and sums the counts, which every slice's balance
+  loss then uses. The `micro` scope (the default) uses each slice's own counts and
+  needs no extra pass.
+  """
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(params, batch, rng, True)
+  num_targets = jnp.sum(batch['segment_ids'][:, 1:] != 0).astype(jnp.float32)
+  shards = batch_shards()
+  slices = jax.tree.map(lambda a: microbatch_rows(a, microbatches, shards), batch)
+
+  micro_rng = lambda i: None if rng is None else jax.random.fold_in(rng, i)
+  counts = None
+  if balance_scope == 'global':
+    def count(total, inputs):
+      i, micro = inputs
+      _, metrics = loss_fn(jax.lax.stop_gradient(params), micro, micro_rng(i), True)
+      return jax.tree.map(jnp.add, total, layer_choices(metrics)), None
+    zero = jax.eval_shape(lambda: layer_choices(loss_fn(params, jax.tree.map(
+        lambda a: a[0], slices), micro_rng(0), True)[1]))
+    counts, _ = jax.lax.scan(count, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero),
+                             (jnp.arange(microbatches), slices))
+
+  def body(total, inputs):
+    i, micro = inputs
+    grads, metrics = grad_fn(params, micro, micro_rng(i), True, num_targets,
+                             1.0 / microbatches, counts)
+    return jax.tree.map(jnp.add, total, grads), metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, metrics = jax.lax.scan(body, zeros, (jnp.arange(microbatches), slices))
+  metrics = {k: jnp.sum(v, 0) if is_summed(k) else jnp.mean(v, 0)
+             for k, v in metrics.items()}
+  return grads, metrics
+
+
 def make_train_step(graphdef, cfg, optimizer, layout=None):
   """Returns jit(train_step(params, opt_state, batch, step) -> (params, opt_state, metrics)).
 
   Router noise for step s comes from fold_in(key(seed), s), so a resumed run draws the
-  same noise as an uninterrupted one. layout (train_state.Layout): compile for its
-  mesh with those input and output shardings (call and lower it inside
-  `jax.set_mesh(layout.mesh)`, which the MoE layers read); None: one device.
+  same noise as an uninterrupted one. train.microbatches > 1 accumulates the gradient
+  over slices of the batch inside the step (accumulated_grads). layout
+  (train_state.Layout): compile for its mesh with those input and output shardings
+  (call and lower it inside `jax.set_mesh(layout.mesh)`, which the MoE layers read);
+  None: one device.
   """
   loss_fn = make_loss_fn(graphdef, cfg)
   schedule = learning_rate_schedule(cfg.train)
@@ -117,7 +207,8 @@ def make_train_step(graphdef, cfg, optimizer, layout=None):
 
   def train_step(params, opt_state, batch, step):
     rng = jax.random.fold_in(base_key, step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, rng, True)
+    grads, metrics = accumulated_grads(loss_fn, params, batch, rng, cfg.train.microbatches,
+                                       cfg.moe.balance_scope)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)

@@ -134,16 +134,26 @@ def validate_training(cfg) -> None:
   require(cfg.eval.every_steps >= 0, 'eval.every_steps', f'must be >= 0, got {cfg.eval.every_steps}')
   require(cfg.eval.num_batches >= 1, 'eval.num_batches', f'must be >= 1, got {cfg.eval.num_batches}')
   require(cfg.eval.batch_size >= 0, 'eval.batch_size', f'must be >= 0, got {cfg.eval.batch_size}')
+  k = t.microbatches
+  require(k >= 1 and t.batch_size % k == 0, 'train.microbatches',
+          f'must be >= 1 and divide train.batch_size={t.batch_size}, got {k}')
+  require(k == 1 or cfg.moe.balance_shards == 1 or cfg.moe.balance_shards % k == 0,
+          'moe.balance_shards', f'{cfg.moe.balance_shards} slices of the batch do not split '
+          f'over train.microbatches={k} (use 1 or a multiple of {k})')
   group = cfg.moe.group_size
   require(group >= 0 and group % t.seq_len == 0, 'moe.group_size',
           f'must be a multiple of train.seq_len={t.seq_len} (0 = one sequence), got {group}')
   n = max(1, group // t.seq_len)  # sequences per routing group
-  shards = cfg.moe.balance_shards
-  for key, size in (('train.batch_size', t.batch_size), ('eval.batch_size', cfg.eval.batch_size)):
-    require(size % n == 0, 'moe.group_size',
-            f'groups of {n} sequences do not divide {key}={size}')
+  # What one forward pass sees: a microbatch in training, the whole eval batch; the MoE
+  # layers view either as balance_shards / microbatches slices (routed/model/moe.py).
+  shards = max(1, cfg.moe.balance_shards // k)
+  eval_size = cfg.eval.batch_size or t.batch_size
+  for what, size in (
+      (f'the {t.batch_size // k} sequences of a train step' + (' microbatch' if k > 1 else ''),
+       t.batch_size // k), (f'the {eval_size} sequences of an eval batch', eval_size)):
+    require(size % n == 0, 'moe.group_size', f'{what} do not form groups of {n} sequences')
     require(size // n % shards == 0, 'moe.balance_shards',
-            f'{shards} does not divide the {size // n} routing groups of {key}={size}')
+            f'{what} form {size // n} routing groups, which {shards} slices do not divide')
   require(cfg.checkpoint.every_steps >= 1, 'checkpoint.every_steps',
           f'must be >= 1, got {cfg.checkpoint.every_steps}')
   require(cfg.checkpoint.keep >= 1, 'checkpoint.keep', f'must be >= 1, got {cfg.checkpoint.keep}')
@@ -179,9 +189,12 @@ def validate_mesh(cfg, num_devices: int) -> None:
     shards *= sizes[axis]
   eval_size = cfg.eval.batch_size or cfg.train.batch_size
   n = max(1, cfg.moe.group_size // cfg.train.seq_len)  # sequences per routing group
-  for key, size in (('train.batch_size', cfg.train.batch_size), ('eval.batch_size', eval_size)):
-    require(size % shards == 0, key, f'{size} sequences do not split over the {shards} batch '
-            f'shards of the mesh (mesh.data x mesh.fsdp x mesh.expert)')
+  k = cfg.train.microbatches
+  for key, size in (('train.batch_size', cfg.train.batch_size // k),
+                    ('eval.batch_size', eval_size)):
+    per = ' of each of the train.microbatches' if k > 1 and key == 'train.batch_size' else ''
+    require(size % shards == 0, key, f'{size} sequences{per} do not split over the {shards} '
+            f'batch shards of the mesh (mesh.data x mesh.fsdp x mesh.expert)')
     require(size // shards % n == 0, 'moe.group_size',
             f'the {size // shards} sequences of {key}={size} on each batch shard do not form '
             f'routing groups of {n} sequences')

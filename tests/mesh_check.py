@@ -10,9 +10,10 @@ and mesh, the largest difference from the one-device mesh in every per-step metr
 (loss, ce, the aux losses, grad norm) and in the parameters after the last step.
 `dispatch`: one MoE layer's output and gradients for every dispatch backend with
 expert parallelism, against the same layer without a mesh.
-`scale`: as `train`, for Switch with routing groups of two sequences and the splash
-attention kernel (Pallas interpreter, run per device by shard_map) on packed rows of
-several documents.
+`scale`: as `train`, for Switch with routing groups of two sequences, two microbatches
+under the global balance scope (no router noise: its draws follow the microbatch
+layout) and the splash attention kernel (Pallas interpreter, run per device by
+shard_map) on packed rows of several documents.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def tiny_config(router: str, mesh):
 
 def scale_config(router: str, mesh):
   cfg = tiny_config(router, mesh)
-  cfg.moe.group_size = 2 * cfg.train.seq_len
+  cfg.moe.update(group_size=2 * cfg.train.seq_len, balance_scope='global', jitter=0.0)
+  cfg.train.update(batch_size=16, microbatches=2)
   cfg.model.attention = 'splash'
   return cfg
 

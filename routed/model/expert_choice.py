@@ -42,7 +42,8 @@ class ExpertChoiceRouter(Router):
     cf = self.capacity_factor if train else self.eval_capacity_factor
     return expert_capacity(group_size, self.num_experts, 1, cf)
 
-  def route(self, logits, train: bool, rng=None):
+  def route(self, logits, train: bool, rng=None, balance_counts=None):
+    del balance_counts  # no balance loss: every expert takes exactly C tokens
     del rng  # deterministic
     g, s, e = logits.shape
     c = self.capacity(s, train)

@@ -98,7 +98,8 @@ class MLP(nnx.Module):
     self.wi = normal_param(rngs, (d_model, d_ff), init_std, param_dtype)
     self.wo = normal_param(rngs, (d_ff, d_model), init_std, param_dtype)
 
-  def __call__(self, x, *, train: bool = False, rng=None, token_ids=None):  # [B, L, D]
-    del train, rng, token_ids  # dense: nothing to route
+  def __call__(self, x, *, train: bool = False, rng=None, token_ids=None,
+               balance_counts=None):  # [B, L, D]
+    del train, rng, token_ids, balance_counts  # dense: nothing to route
     h = self.act(x.astype(self.dtype) @ self.wi[...].astype(self.dtype))
     return h @ self.wo[...].astype(self.dtype), {}

@@ -14,6 +14,8 @@ is what lowers the drop rate.
 
 from __future__ import annotations
 
+import copy
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -106,8 +108,14 @@ class MoELayer(nnx.Module):
   """
 
   def __init__(self, moe_cfg, *, d_model: int, d_ff: int, activation: str, init_std: float,
-               dtype, param_dtype, rngs: nnx.Rngs, group_sequences: int = 1):
+               dtype, param_dtype, rngs: nnx.Rngs, group_sequences: int = 1,
+               microbatches: int = 1):
     expert_d_ff = moe_cfg.expert_d_ff or d_ff
+    if microbatches > 1:
+      # moe.balance_shards slices the step's batch; a microbatch holds its share of
+      # them, and is at least one slice of its own.
+      moe_cfg = copy.deepcopy(moe_cfg)
+      moe_cfg.balance_shards = max(1, moe_cfg.balance_shards // microbatches)
     self.router = ROUTERS[moe_cfg.router].from_config(moe_cfg, d_model, rngs)
     self.experts = Experts(moe_cfg.num_experts, d_model, expert_d_ff, activation=activation,
                            init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -118,11 +126,12 @@ class MoELayer(nnx.Module):
     self.dropless = moe_cfg.dispatch in dispatch_lib.DROPLESS
     self.group_sequences = group_sequences
 
-  def __call__(self, x, *, train: bool, rng=None, token_ids=None):
+  def __call__(self, x, *, train: bool, rng=None, token_ids=None, balance_counts=None):
     n = self.group_sequences
     xg = to_groups(x, n)                                                  # [G, S, D]
     ids = None if token_ids is None else to_groups(token_ids, n)
-    decision, losses, metrics = self.router(xg, train=train, rng=rng, token_ids=ids)
+    decision, losses, metrics = self.router(xg, train=train, rng=rng, token_ids=ids,
+                                            balance_counts=balance_counts)
     # Per device under a mesh, exchanging tokens with the experts' devices.
     y = dispatch_on_mesh(self.dispatch, xg.astype(self.experts.dtype), decision, self.experts,
                          dropless=self.dropless)

@@ -114,13 +114,16 @@ def slots_in_order(expert_mask):
   return jnp.sum(before * flat, axis=-1).reshape(g, s, k).astype(jnp.int32)
 
 
-def balance_loss(probs, counts, *, num_shards: int = 1, scope: str = 'micro'):
+def balance_loss(probs, counts, *, num_shards: int = 1, scope: str = 'micro',
+                 global_counts=None):
   """E * sum_i f_i * P_i; returns (loss, f over the whole batch [E]).
 
   probs [G, S, E]: router distribution of each token. counts [G, S, E]: how many of
   the token's active choices picked each expert (0/1 for distinct top-k choices).
   The G groups form `num_shards` equal slices; `micro` averages the per-slice losses,
-  `global` uses the f of the whole batch in every slice (see the module docstring).
+  `global` uses the f of the whole batch in every slice (see the module docstring),
+  or, given global_counts [E] (the counts of a whole step split into microbatches,
+  routed/step.py), the f of those.
   """
   g, _, e = probs.shape
   if g % num_shards:
@@ -131,7 +134,9 @@ def balance_loss(probs, counts, *, num_shards: int = 1, scope: str = 'micro'):
   total = jnp.sum(shard_counts)
   f_global = jnp.sum(shard_counts, axis=0) / jnp.maximum(total, 1.0)       # [E]
   if scope == 'global':
-    f = jnp.broadcast_to(f_global, shard_counts.shape)
+    f_step = f_global if global_counts is None else (
+        jax.lax.stop_gradient(global_counts) / jnp.maximum(jnp.sum(global_counts), 1.0))
+    f = jnp.broadcast_to(f_step, shard_counts.shape)
   elif scope == 'micro':
     f = shard_counts / jnp.maximum(jnp.sum(shard_counts, axis=-1, keepdims=True), 1.0)
   else:
@@ -225,12 +230,13 @@ class Router(RouterBase):
                 init_scale=moe_cfg.router_init_scale, jitter=moe_cfg.jitter,
                 balance_scope=moe_cfg.balance_scope, balance_shards=moe_cfg.balance_shards)
 
-  def __call__(self, x, *, train: bool, rng=None, token_ids=None):
+  def __call__(self, x, *, train: bool, rng=None, token_ids=None, balance_counts=None):
     """x [G, S, D] -> (decision, losses, metrics). Training needs rng when jitter > 0
-    or the router samples."""
+    or the router samples. balance_counts [N]: the step's expert counts for the
+    `global` balance scope under microbatches (balance_loss)."""
     del token_ids  # learned routers look at the tokens' representations only
     x, route_rng = self.inputs(x, train, rng)
-    return self.route(x @ self.kernel[...], train, rng=route_rng)
+    return self.route(x @ self.kernel[...], train, rng=route_rng, balance_counts=balance_counts)
 
   def inputs(self, x, train: bool, rng):
     """x [G, S, D] -> (float32 router inputs [G, S, D], jittered in training; rng for route)."""
@@ -266,16 +272,19 @@ class Router(RouterBase):
                       dropless_weight=jnp.where(real, weight, 0.0).astype(jnp.float32))
     return routing, real, kept
 
-  def choice_stats(self, probs, expert, active, real, kept):
+  def choice_stats(self, probs, expert, active, real, kept, balance_counts=None):
     """Balance loss and the common metrics of placed choices (see module docstring)."""
     n = self.num_experts + self.num_null_experts
     counts = jnp.sum(jax.nn.one_hot(expert, n, dtype=jnp.float32) * active[..., None], axis=2)
     balance, load = balance_loss(probs, counts, num_shards=self.balance_shards,
-                                 scope=self.balance_scope)
+                                 scope=self.balance_scope, global_counts=balance_counts)
     num_real = jnp.sum(real.astype(jnp.float32))
     metrics = {'expert_load': load[:self.num_experts],
                'dropped': 1.0 - jnp.sum(kept.astype(jnp.float32)) / jnp.maximum(num_real, 1.0),
-               'entropy': entropy(probs)}
+               'entropy': entropy(probs),
+               # Active choices per expert (null ones included) over the batch: what
+               # the `global` scope sums over a step's microbatches.
+               'choices': jnp.sum(counts, axis=(0, 1))}
     if self.num_null_experts:
       metrics['null'] = jnp.sum(load[self.num_experts:])
     return balance, metrics
@@ -362,7 +371,7 @@ class TokenChoiceRouter(Router):
     cf = moe_cfg.capacity_factor if train else moe_cfg.eval_capacity_factor
     return ', '.join(options) + f', capacity factor {cf:g}'
 
-  def route(self, logits, train: bool, rng=None):
+  def route(self, logits, train: bool, rng=None, balance_counts=None):
     del rng  # deterministic
     gates, probs = GATES[self.gate](logits)                        # [G, S, N] each
     values, expert = jax.lax.top_k(gates, self.top_k)              # [G, S, K], descending
@@ -376,7 +385,7 @@ class TokenChoiceRouter(Router):
     if self.renormalize:
       weight = weight / jnp.maximum(jnp.sum(weight, axis=-1, keepdims=True), 1e-9)
     routing, real, kept = self.place(expert, weight, active, self.capacity(logits.shape[1], train))
-    balance, metrics = self.choice_stats(probs, expert, active, real, kept)
+    balance, metrics = self.choice_stats(probs, expert, active, real, kept, balance_counts)
     metrics['experts_per_token'] = jnp.mean(jnp.sum(real.astype(jnp.float32), axis=-1))
     losses = {'balance': balance, 'z': router_z_loss(logits)}
     if self.gate == 'relu':

@@ -68,7 +68,7 @@ class SBaseRouter(Router):
               f'iterations), capacity factor {moe_cfg.capacity_factor:g}')
     return f'top-1 token choice, capacity factor {moe_cfg.eval_capacity_factor:g}'
 
-  def route(self, logits, train: bool, rng=None):
+  def route(self, logits, train: bool, rng=None, balance_counts=None):
     del rng  # deterministic
     probs = jax.nn.softmax(logits, axis=-1)                          # [G, S, E]
     scores = sinkhorn_log(jax.lax.stop_gradient(logits), self.sinkhorn_iters) if train else logits
@@ -76,5 +76,5 @@ class SBaseRouter(Router):
     gate = jnp.take_along_axis(probs, expert, axis=-1)
     active = jnp.ones(expert.shape, bool)
     routing, real, kept = self.place(expert, gate, active, self.capacity(logits.shape[1], train))
-    balance, metrics = self.choice_stats(probs, expert, active, real, kept)
+    balance, metrics = self.choice_stats(probs, expert, active, real, kept, balance_counts)
     return routing, {'balance': balance, 'z': router_z_loss(logits)}, metrics

@@ -59,12 +59,15 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(m.d_model, param_dtype=param_dtype)
     ffn_args = dict(d_model=m.d_model, d_ff=m.d_ff, activation=m.activation,
                     init_std=m.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.ffn = (MoELayer(cfg.moe, **ffn_args, group_sequences=moe_lib.group_sequences(cfg))
+    self.ffn = (MoELayer(cfg.moe, **ffn_args, group_sequences=moe_lib.group_sequences(cfg),
+                         microbatches=cfg.train.microbatches)
                 if moe else MLP(**ffn_args))
 
-  def __call__(self, x, positions, segment_ids=None, *, train: bool, rng=None, token_ids=None):
+  def __call__(self, x, positions, segment_ids=None, *, train: bool, rng=None, token_ids=None,
+               balance_counts=None):
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-    y, aux = self.ffn(self.ffn_norm(x), train=train, rng=rng, token_ids=token_ids)
+    y, aux = self.ffn(self.ffn_norm(x), train=train, rng=rng, token_ids=token_ids,
+                      balance_counts=balance_counts)
     return x + y, aux
 
 
@@ -73,7 +76,9 @@ class Transformer(nnx.Module):
 
   positions int [B, L]: rotary positions, counted within each document (default
   0..L-1); segment_ids int [B, L]: a token attends only to earlier tokens with its own
-  segment id (default None: the whole row is one document).
+  segment id (default None: the whole row is one document). balance_counts: {block
+  index: expert counts [N]} of a whole step, for the `global` balance scope when the
+  step runs in microbatches (routed/step.py).
 
   aux = {'losses': {name: mean over MoE layers}, 'metrics': {f'layer{i}/{name}': value}}.
   Losses are averaged (not summed) over MoE layers, so a loss weight means the same
@@ -99,13 +104,13 @@ class Transformer(nnx.Module):
                                   DTYPES[m.param_dtype])
 
   def __call__(self, tokens, *, train: bool = False, rng=None, positions=None,
-               segment_ids=None):
+               segment_ids=None, balance_counts=None):
     b, l = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-    run = lambda block, x, rng: block(x, positions, segment_ids, train=train, rng=rng,
-                                      token_ids=tokens)
+    run = lambda block, x, rng, counts: block(x, positions, segment_ids, train=train, rng=rng,
+                                              token_ids=tokens, balance_counts=counts)
     if self.remat != 'none':
       run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
     losses, metrics = {}, {}
@@ -113,7 +118,7 @@ class Transformer(nnx.Module):
       block_rng = None if rng is None else jax.random.fold_in(rng, i)
       # The residual stream stays split by sequence over the mesh's batch axes.
       x = constrain(x, RESIDUAL)
-      x, aux = run(block, x, block_rng)
+      x, aux = run(block, x, block_rng, (balance_counts or {}).get(i))
       for name, value in aux.get('losses', {}).items():
         losses.setdefault(name, []).append(value)
       for name, value in aux.get('metrics', {}).items():
