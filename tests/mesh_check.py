@@ -10,6 +10,7 @@ and mesh, the largest difference from the one-device mesh in every per-step metr
 (loss, ce, the aux losses, grad norm) and in the parameters after the last step.
 `dispatch`: one MoE layer's output and gradients for every dispatch backend with
 expert parallelism, against the same layer without a mesh.
+`tensor_flops`: per-device FLOPs of one MoE layer at mesh.tensor = 1 and 2.
 `scale`: as `train`, for Switch with routing groups of two sequences, two microbatches
 under the global balance scope (no router noise: its draws follow the microbatch
 layout) and the splash attention kernel (Pallas interpreter, run per device by
@@ -121,16 +122,38 @@ def check_dispatch() -> dict:
   out = {}
   for dispatch in ('einsum', 'gather', 'ragged', 'tiled', 'pallas'):
     ref = layer_grads(dispatch, None)
-    for mesh in ((2, 1, 4, 1), (1, 2, 2, 2)):
+    for mesh in ((2, 1, 4, 1), (1, 2, 2, 2), (2, 1, 1, 4), (1, 1, 2, 4)):
       got = layer_grads(dispatch, mesh)
       out[f'{dispatch} {mesh}'] = max(float(jnp.max(jnp.abs(a - b)))
                                       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
   return out
 
 
+def layer_flops(mesh_sizes) -> float:
+  """FLOPs per device (XLA's cost analysis) of one Switch layer's forward and backward
+  with experts much wider than the router, batch split over `expert` only."""
+  cfg = base_config()
+  cfg.moe.update(num_experts=8, dispatch='gather', jitter=0.0)
+  layer = MoELayer(cfg.moe, d_model=32, d_ff=512, activation='relu', init_std=0.1,
+                   dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+  x = jax.ShapeDtypeStruct((8, 16, 32), jnp.float32)
+  loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x, train=True)[0] ** 2)
+  cfg.mesh.update(dict(zip(sharding.MESH_AXES, mesh_sizes)))
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(mesh_sizes))])
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.grad(loss)).lower(state, x).compile()
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+
+def check_tensor_flops() -> dict:
+  return {str(mesh): layer_flops(mesh) for mesh in ((1, 1, 4, 1), (1, 1, 4, 2))}
+
+
 if __name__ == '__main__':
   assert jax.device_count() == 8, 'run with XLA_FLAGS=--xla_force_host_platform_device_count=8'
   check_scale = lambda: check_train(('switch',), ((1, 1, 1, 1), (2, 1, 2, 2), (4, 1, 1, 2)),
                                     make_config=scale_config, make_batch=packed)
-  print(json.dumps({'train': check_train, 'dispatch': check_dispatch,
-                    'scale': check_scale}[sys.argv[1]]()))
+  print(json.dumps({'train': check_train, 'dispatch': check_dispatch, 'scale': check_scale,
+                    'tensor_flops': check_tensor_flops}[sys.argv[1]]()))

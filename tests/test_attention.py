@@ -56,6 +56,17 @@ def test_implementations_equal_reference(name, segments):
     np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('name', ['dot_product', 'auto'])
+def test_bfloat16_traces_every_platform_branch(name):
+  """bfloat16 takes the cuDNN branch on GPU; tracing it here (no cuDNN) must fall back
+  to the XLA path rather than fail, and the result is the reference's."""
+  q, k, v = [a.astype(jnp.bfloat16) for a in qkv()]
+  seg = packed_segments()
+  got = jax.jit(attention.ATTENTION[name])(q, k, v, seg).astype(jnp.float32)
+  want = attention.reference(q, k, v, seg).astype(jnp.float32)
+  np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+
+
 def tiny_cfg(**over):
   c = base_config()
   c.model.update(d_model=32, num_heads=4, num_layers=2, d_ff=64)

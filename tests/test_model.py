@@ -193,3 +193,20 @@ def test_dense_and_switch_have_matched_active_flops():
   router_flops = 6 * 32 * 4 * 1  # D x E router matmul in the one MoE block
   assert s.train_flops_per_token - d.train_flops_per_token == router_flops
   assert s.total_params > d.total_params
+
+
+def test_moe_1b_counts():
+  """configs/moe_1b.py: 1,073,842,176 active and 13,556,090,880 total parameters
+  (vocabulary 32,000, tied embeddings), counted by hand from its shape."""
+  from routed import cli  # pylint: disable=g-import-not-at-top
+  cfg = cli.load_config('configs/moe_1b.py')
+  d, f, e, v = 2048, 4096, 64, 32000
+  attn, norms, mlp = 4 * d * d, 2 * d, 2 * d * f
+  dense_block = attn + norms + mlp
+  moe_fixed = attn + norms + d * e                      # + the router kernel
+  embed = v * d + d                                     # tied embedding, final norm
+  total = 12 * dense_block + 12 * (moe_fixed + e * mlp) + embed
+  active = 12 * dense_block + 12 * (moe_fixed + 2 * mlp) + embed
+  size = model_size(cfg, v)
+  assert (size.total_params, size.active_params) == (total, active) == (
+      13_556_090_880, 1_073_842_176)

@@ -55,12 +55,22 @@ def test_groups_microbatches_and_splash_on_meshes_equal_one_device():
 
 @pytest.mark.slow
 def test_every_dispatch_backend_with_expert_parallelism():
-  """Output and gradients of one MoE layer with experts split over 4 devices (and
-  over 2 with tensor parallelism) = the layer without a mesh, for every backend."""
+  """Output and gradients of one MoE layer with experts split over 4 devices, and
+  with expert tensor parallelism (each device computes its slice of every local
+  expert's d_ff: tensor=2 and 4) = the layer without a mesh, for every backend."""
   result = run_mesh_check('dispatch')
-  assert len(result) == 5 * 2
+  assert len(result) == 5 * 4
   for case, diff in result.items():
     assert diff < 1e-5, (case, diff)
+
+
+def test_tensor_parallel_experts_halve_the_flops_per_device():
+  """With mesh.tensor=2 each device computes half of every local expert's hidden
+  units: XLA's per-device FLOPs of a Switch layer (experts 16x wider than the
+  router) fall to about half those at tensor=1 (same tokens per device)."""
+  result = run_mesh_check('tensor_flops')
+  ratio = result['(1, 1, 4, 2)'] / result['(1, 1, 4, 1)']
+  assert 0.45 < ratio < 0.6, result
 
 
 def test_every_parameter_has_logical_axes():

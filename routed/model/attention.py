@@ -67,9 +67,15 @@ def dot_product(q, k, v, segment_ids=None, *, implementation: str | None = 'xla'
 
 
 def _cudnn_or_xla(q, k, v, segment_ids=None):
-  # cuDNN's flash attention takes half precision and head widths up to 128 only.
-  ok = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
-  return dot_product(q, k, v, segment_ids, implementation='cudnn' if ok else 'xla')
+  # cuDNN's flash attention takes half precision and head widths up to 128 only, and
+  # JAX checks for cuDNN when tracing: where it is missing (a CPU host exporting for
+  # GPU, or tracing this branch for another platform) the XLA path is traced instead.
+  if q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0:
+    try:
+      return dot_product(q, k, v, segment_ids, implementation='cudnn')
+    except (RuntimeError, NotImplementedError, ValueError):
+      pass
+  return dot_product(q, k, v, segment_ids, implementation='xla')
 
 
 def _splash_kernel(heads: int, length: int, block: int, interpret: bool):

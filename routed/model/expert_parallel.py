@@ -23,9 +23,14 @@ the dispatch runs per device, inside `shard_map`:
       applies its combine weights. The exchange moves n times the rows it needs in
       the worst case; the expert matmuls skip the empty rows.
 
-Experts are replicated over the other mesh axes inside the exchange: the weights are
-gathered over `fsdp` (and `tensor`) at the shard_map boundary, as FSDP does for
-every layer, and their gradients reduce-scattered back.
+Expert tensor parallelism (Megatron's): with mesh.tensor = t > 1 each device holds
+the F / t slice of its local experts' hidden units (wi [E_l, D, F/t], wo [E_l, F/t, D])
+and computes that slice for every token its group of tensor devices routes there;
+act is elementwise, so the partial outputs [t, G_l, S, D] sum to the full output,
+and the sum is left to the compiler outside shard_map (an all-reduce over `tensor`,
+whose transpose the compiler also gets right). The expert weights are gathered over
+`fsdp` only at the shard_map boundary, as FSDP does for every layer, and their
+gradients reduce-scattered back.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from routed.model.routers import Routing
 from routed.model.rows import combine_rows, gather_rows
 
 EXPERT_AXIS = 'expert'
+TENSOR_AXIS = 'tensor'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,15 +145,21 @@ def dispatch_on_mesh(dispatch, x, decision, experts, *, dropless: bool):
   from routed.sharding import RULES  # pylint: disable=g-import-not-at-top
   batch = tuple(a for a in RULES['batch'] if a in mesh.axis_names)
   split = EXPERT_AXIS in mesh.axis_names and mesh.shape[EXPERT_AXIS] > 1
-  weight_spec = P(EXPERT_AXIS) if split else P()
+  experts_axis = EXPERT_AXIS if split else None
+  tensor = (TENSOR_AXIS if TENSOR_AXIS in mesh.axis_names and mesh.shape[TENSOR_AXIS] > 1
+            and experts.wi.shape[-1] % mesh.shape[TENSOR_AXIS] == 0 else None)
+  wi_spec, wo_spec = P(experts_axis, None, tensor), P(experts_axis, tensor, None)
 
   def local(x, decision, wi, wo):
     shard = ExpertShard(wi, wo, experts.act, experts.dtype, experts.num_experts,
                         EXPERT_AXIS if split else None)
     if split and dropless and isinstance(decision, Routing):
-      return dropless_exchange(dispatch, x, decision, shard)
-    return dispatch(x, decision, shard)
+      y = dropless_exchange(dispatch, x, decision, shard)
+    else:
+      y = dispatch(x, decision, shard)
+    return y[None]  # this device's part of the sum over tensor shards (one part without)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch), P(batch), weight_spec, weight_spec),
-                       out_specs=P(batch), check_vma=False)(
+  parts = jax.shard_map(local, mesh=mesh, in_specs=(P(batch), P(batch), wi_spec, wo_spec),
+                        out_specs=P(tensor, batch), check_vma=False)(
       x, decision, experts.wi[...], experts.wo[...])
+  return jnp.sum(parts, axis=0)
