@@ -14,8 +14,8 @@ them against the built model at small width).
 The mesh and memory settings are the recommendation for v5p-64 (32 chips) that
 benchmarks/RESULTS.md ("A 1B-active MoE on v5p") measured with routed.aot: experts
 split 8 ways (8 experts per chip), parameters and optimizer state sharded over fsdp,
-each block rematerialised with dots_saveable, routing groups of 4 sequences (8,192
-tokens). Variants: '' (C4 on a v5p slice), 'tiny' (the CPU quickstart shape, top-2
+each block rematerialised with dots_saveable, the 12 dense + MoE units scanned
+(scan_layers), routing groups of 4 sequences (8,192 tokens). Variants: '' (C4 on a v5p slice), 'tiny' (the CPU quickstart shape, top-2
 of 8 experts).
 """
 
@@ -26,7 +26,8 @@ from routed.config import base_config
 def get_config(variant: str = ''):
   c = base_config()
   c.model.update(d_model=2048, num_heads=16, num_layers=24, d_ff=4096, activation='gelu',
-                 compute_dtype='bfloat16', param_dtype='float32', remat='dots_saveable')
+                 compute_dtype='bfloat16', param_dtype='float32', remat='dots_saveable',
+                 scan_layers=True)
   c.moe.update(router='topk', num_experts=64, top_k=2, every=2, capacity_factor=1.25,
                eval_capacity_factor=2.0, aux_loss_weight=0.01, z_loss_weight=1e-3,
                dispatch='gather', group_size=4 * 2048)
@@ -36,7 +37,7 @@ def get_config(variant: str = ''):
   c.data.task = 'c4'
   if variant == 'tiny':
     switch_base.tiny(c)
-    c.model.remat = 'none'
+    c.model.update(remat='none', scan_layers=False)
     c.moe.update(group_size=0, top_k=2)
     c.mesh.update(data=-1, fsdp=1, expert=1)
   elif variant:

@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
                                    # GPU, reference elsewhere)
   c.model.remat = 'none'           # rematerialisation per block: none | dots_saveable | minimal |
                                    # full (what each saves: routed/model/transformer.py)
+  c.model.scan_layers = False      # run the repeating unit of blocks under nnx.scan, parameters
+                                   # stacked along a layer axis: the compiled program does not
+                                   # grow with depth (routed/model/scan.py)
   c.model.param_dtype = 'float32'  # dtype parameters are stored in: float32 | bfloat16
   c.model.compute_dtype = 'float32'  # dtype of activations and matmuls: float32 | bfloat16
   c.model.init_std = 0.02          # std of the normal init of embeddings and dense kernels

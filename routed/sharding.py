@@ -39,6 +39,7 @@ RULES = {
     'heads': 'tensor',                    # attention heads H
     'vocab': 'tensor',                    # vocabulary V
     'expert': 'expert',                   # experts E
+    'layers': None,                       # the stacked blocks of model.scan_layers
 }
 
 # Parameter path pattern (block indices written as N) -> logical names of its dims.
@@ -118,7 +119,9 @@ def param_axes(path) -> tuple | None:
   name = _path_name(path)
   for pattern, names in PARAM_AXES:
     if re.fullmatch(pattern, name):
-      return names
+      # model.scan_layers stacks each block parameter along a leading layer axis.
+      stacked = name.startswith('units/')
+      return ('layers',) + names if stacked and names is not None else names
   raise KeyError(f'parameter {name} has no entry in routed.sharding.PARAM_AXES')
 
 

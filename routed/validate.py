@@ -6,6 +6,7 @@ config key (or path) and what is wrong; the entry points print it and exit with 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -37,6 +38,12 @@ def validate_model(cfg) -> None:
   one_of(m.activation, ACTIVATIONS, 'model.activation')
   one_of(m.attention, ATTENTION, 'model.attention')
   one_of(m.remat, REMAT, 'model.remat')
+  if m.scan_layers:
+    from routed.model.scan import block_period  # pylint: disable=g-import-not-at-top
+    period = block_period(cfg)
+    require(m.num_layers % period == 0, 'model.scan_layers',
+            f'the block pattern repeats every {period} blocks (moe.every, mod.every), which '
+            f'does not divide model.num_layers={m.num_layers}')
   one_of(m.param_dtype, DTYPES, 'model.param_dtype')
   one_of(m.compute_dtype, DTYPES, 'model.compute_dtype')
   require(m.init_std > 0, 'model.init_std', f'must be > 0, got {m.init_std}')
@@ -180,6 +187,27 @@ def validate_workdir(workdir: str) -> None:
     raise UsageError(f'--workdir: {target} is not writable ({e.strerror or e})') from None
 
 
+def validate_resume_layout(cfg, workdir: str) -> None:
+  """A workdir's checkpoints hold parameters in the layout of the config that wrote
+  them (config.json): per block, or stacked by model.scan_layers. Resuming in the other
+  layout is refused before anything is read, so the checkpoints stay as they are."""
+  if '://' in workdir:
+    return
+  saved = os.path.join(workdir, 'config.json')
+  if not (os.path.isfile(saved) and os.path.isdir(os.path.join(workdir, 'checkpoints'))):
+    return
+  try:
+    with open(saved) as f:
+      was = bool(json.load(f).get('model', {}).get('scan_layers', False))
+  except (OSError, ValueError):
+    return  # unreadable: the trainer's own restore reports what is wrong
+  now = bool(cfg.model.scan_layers)
+  require(was == now, 'model.scan_layers',
+          f'the checkpoints in {workdir} were saved with model.scan_layers={str(was).lower()}, '
+          f'this run has {str(now).lower()}; resume with '
+          f'--config.model.scan_layers={str(was).lower()} (the checkpoints are untouched)')
+
+
 def validate_mesh(cfg, num_devices: int) -> None:
   """The mesh against the devices there are (known once the processes have joined)."""
   from routed.sharding import RULES, mesh_shape  # pylint: disable=g-import-not-at-top
@@ -215,3 +243,4 @@ def validate(cfg, workdir: str | None = None) -> None:
     raise UsageError(str(e)) from None
   if workdir is not None:
     validate_workdir(workdir)
+    validate_resume_layout(cfg, workdir)

@@ -158,3 +158,77 @@ def test_four_microbatches_give_the_update_of_one_batch(scope):
   assert float(metrics1['moe/layer1/dropped']) > 0      # capacity binds
   for name, value in metrics1.items():
     np.testing.assert_allclose(metrics4[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+# --- scanned layers ----------------------------------------------------------------
+
+def scan_cfg(scan: bool, layers: int = 4, **over):
+  return tiny_cfg(**{'model.scan_layers': scan, 'model.num_layers': layers, **over})
+
+
+@pytest.mark.parametrize('remat', ['none', pytest.param('full', marks=pytest.mark.slow)])
+def test_scanned_layers_equal_the_loop(remat):
+  """MoDE (MoD around every other block, MoE in those): the same parameters stacked
+  give the same training loss and gradients under nnx.scan, router noise included."""
+  from routed.model import scan as scan_lib  # pylint: disable=g-import-not-at-top
+  over = {'mod.enabled': True, 'mod.capacity': 0.5, 'model.remat': remat}
+  batch = token_batch(np.random.default_rng(0).integers(0, VOCAB, (8, L + 1)))
+  out = []
+  for scan in (False, True):
+    cfg = scan_cfg(scan, **over)
+    graphdef, state = nnx.split(build_model(cfg, VOCAB, seed=0), nnx.Param)
+    if not scan:
+      params = nnx.to_pure_dict(state)
+    loss_fn = make_loss_fn(graphdef, cfg)
+    grad = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.key(1), True), has_aux=True))
+    out.append(grad(scan_lib.stack_blocks(params, 2) if scan else params))
+  (g_loop, m_loop), (g_scan, m_scan) = out
+  assert set(m_scan) == set(m_loop)     # per-layer metrics keep their layer names
+  for name, value in m_loop.items():
+    np.testing.assert_allclose(m_scan[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               scan_lib.unstack_blocks(g_scan), g_loop)
+
+
+def dot_count(scan: bool, layers: int) -> int:
+  cfg = scan_cfg(scan, layers)
+  graphdef, state = nnx.split(build_model(cfg, VOCAB, seed=0), nnx.Param)
+  forward = lambda p, t: nnx.merge(graphdef, p)(t, train=False)[0]
+  text = jax.jit(forward).lower(nnx.to_pure_dict(state), jnp.zeros((8, L), jnp.int32)).as_text()
+  return text.count('stablehlo.dot_general')
+
+
+def test_scan_compiles_one_unit_body():
+  """The lowered program's matmuls do not grow with depth under scan_layers (one
+  dense + MoE unit body), and do without it."""
+  assert dot_count(True, 4) == dot_count(True, 8)
+  assert dot_count(False, 8) > dot_count(False, 4) > dot_count(True, 4)
+
+
+def test_stacked_parameters_have_a_layer_axis_never_split():
+  from routed import sharding  # pylint: disable=g-import-not-at-top
+  cfg = scan_cfg(True)
+  state = nnx.state(build_model(cfg, VOCAB, seed=0), nnx.Param)
+  specs = sharding.param_specs(nnx.to_pure_dict(state))
+  assert specs['units'][1]['ffn']['experts']['wi'] == jax.sharding.PartitionSpec(
+      None, 'expert', 'fsdp', 'tensor')
+  assert specs['units'][0]['attn']['qkv'] == jax.sharding.PartitionSpec(
+      None, 'fsdp', None, 'tensor', None)
+
+
+def test_scan_layers_needs_whole_units():
+  with pytest.raises(UsageError, match='model.scan_layers'):
+    validate(scan_cfg(True, 3))
+
+
+def test_resuming_in_the_other_layout_is_refused(tmp_path):
+  """A workdir written without scan_layers refuses a scan_layers run with one line,
+  before any checkpoint is touched; the same layout passes."""
+  cfg = scan_cfg(False)
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
+  (tmp_path / 'config.json').write_text(cfg.to_json())
+  validate(cfg, str(tmp_path))
+  with pytest.raises(UsageError, match=r'^config key model.scan_layers: the checkpoints in .* '
+                     r'were saved with model.scan_layers=false'):
+    validate(scan_cfg(True), str(tmp_path))
+  assert (tmp_path / 'checkpoints' / '10').is_dir()

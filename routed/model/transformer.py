@@ -25,6 +25,7 @@ from flax import nnx
 from routed.model.layers import MLP, Attention, RMSNorm, normal_param
 from routed.model import mod as mod_lib
 from routed.model import moe as moe_lib
+from routed.model import scan as scan_lib
 from routed.model.moe import MoELayer
 from routed.model.mod import MoDBlock, mod_blocks
 from routed.sharding import constrain
@@ -91,12 +92,22 @@ class Transformer(nnx.Module):
     self.dtype = DTYPES[m.compute_dtype]
     self.tie_embeddings = m.tie_embeddings
     self.embed = normal_param(rngs, (vocab_size, m.d_model), m.init_std, DTYPES[m.param_dtype])
-    self.blocks = nnx.List([
-        # Mixture-of-Depths (routed/model/mod.py) wraps the blocks it routes.
-        MoDBlock(cfg.mod, Block(cfg, moe=is_moe, rngs=rngs), d_model=m.d_model,
-                 param_dtype=DTYPES[m.param_dtype], rngs=rngs) if is_mod
-        else Block(cfg, moe=is_moe, rngs=rngs)
-        for is_moe, is_mod in zip(moe_blocks(cfg), mod_blocks(cfg))])
+    def make_block(i, rngs):
+      is_moe, is_mod = moe_blocks(cfg)[i], mod_blocks(cfg)[i]
+      block = Block(cfg, moe=is_moe, rngs=rngs)
+      # Mixture-of-Depths (routed/model/mod.py) wraps the blocks it routes.
+      return MoDBlock(cfg.mod, block, d_model=m.d_model, param_dtype=DTYPES[m.param_dtype],
+                      rngs=rngs) if is_mod else block
+
+    self.period = scan_lib.block_period(cfg) if m.scan_layers else 0
+    if self.period:
+      # The repeating unit, stacked along a layer axis (routed/model/scan.py).
+      self.num_units = m.num_layers // self.period
+      self.units = scan_lib.stacked_units(
+          lambda rngs: nnx.List([make_block(j, rngs) for j in range(self.period)]),
+          self.num_units, rngs)
+    else:
+      self.blocks = nnx.List([make_block(i, rngs) for i in range(m.num_layers)])
     self.final_norm = RMSNorm(m.d_model, param_dtype=DTYPES[m.param_dtype])
     self.remat = m.remat
     if not m.tie_embeddings:
@@ -113,12 +124,27 @@ class Transformer(nnx.Module):
                                               token_ids=tokens, balance_counts=counts)
     if self.remat != 'none':
       run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
-    losses, metrics = {}, {}
-    for i, block in enumerate(self.blocks):
-      block_rng = None if rng is None else jax.random.fold_in(rng, i)
+    counts = balance_counts or {}
+    layer_aux = []   # (block index, aux) in block order
+    if self.period:
+      p, u = self.period, self.num_units
+      keys = None if rng is None else jax.vmap(lambda i: jax.random.fold_in(rng, i))(
+          jnp.arange(u * p)).reshape(u, p)
+      stacked = {j: jnp.stack([counts[v * p + j] for v in range(u)])
+                 for j in range(p) if j in counts}
       # The residual stream stays split by sequence over the mesh's batch axes.
-      x = constrain(x, RESIDUAL)
-      x, aux = run(block, x, block_rng, (balance_counts or {}).get(i))
+      x, auxes = scan_lib.run_units(
+          self.units, x, lambda block, x, key, c: run(block, constrain(x, RESIDUAL), key, c),
+          keys, stacked)
+      layer_aux = [(v * p + j, jax.tree.map(lambda a, v=v: a[v], auxes[j]))
+                   for v in range(u) for j in range(p)]
+    else:
+      for i, block in enumerate(self.blocks):
+        block_rng = None if rng is None else jax.random.fold_in(rng, i)
+        x, aux = run(block, constrain(x, RESIDUAL), block_rng, counts.get(i))
+        layer_aux.append((i, aux))
+    losses, metrics = {}, {}
+    for i, aux in layer_aux:
       for name, value in aux.get('losses', {}).items():
         losses.setdefault(name, []).append(value)
       for name, value in aux.get('metrics', {}).items():
