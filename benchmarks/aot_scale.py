@@ -25,11 +25,15 @@ MOE_1B = 'configs/moe_1b.py'
 MESH_V5P = ('mesh.fsdp=-1', 'mesh.expert=8')
 # name -> list of (config, topology, overrides)
 CASES = {
-    'moe_1b': [(MOE_1B, topo, (f'model.remat={remat}',) + mesh)
-               for topo, mesh in (('v5p-64', MESH_V5P), ('v6e-64', MESH_V5P))
-               for remat in ('none', 'dots_saveable', 'full')],
+    'moe_1b': [(MOE_1B, 'v5p-64', (f'model.remat={remat}',) + MESH_V5P)
+               for remat in ('none', 'dots_saveable', 'full')] + [
+                   (MOE_1B, 'v6e-64', ('model.remat=dots_saveable',) + MESH_V5P)],
+    'moe_1b_noscan': [(MOE_1B, 'v5p-64', ('model.scan_layers=false',) + MESH_V5P)],
     'moe_1b_micro': [(MOE_1B, 'v5p-64', ('model.remat=none', 'train.microbatches=4') + MESH_V5P)],
     'moe_1b_tensor': [(MOE_1B, 'v5p-64', ('mesh.fsdp=-1', 'mesh.expert=8', 'mesh.tensor=2'))],
+    # The quickstart shape on one v5p host: seconds to compile (tests use it).
+    'smoke': [('configs/switch_base.py:tiny', 'v5p:2x2x1', ('mesh.data=1', 'mesh.expert=2',
+                                                          'mesh.tensor=2'))],
     # Switch-Base at seq_len 2048 (the issue's baseline shape), today's defaults.
     'baseline': [('configs/switch_base.py', 'v5p-64',
                   ('train.seq_len=2048', 'train.batch_size=256', 'mesh.data=1', 'mesh.fsdp=-1',

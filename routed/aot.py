@@ -17,10 +17,12 @@ parameters, optimizer state, activations and temporaries (XLA's buffer assignmen
 total against the device's HBM; FLOPs per step from XLA's cost analysis of the
 compiled program, against the model's analytic FLOPs (routed/model/accounting.py):
 model FLOPs / compiled FLOPs bounds the MFU the step can reach (compiled work
-includes recomputation, dispatch, the optimizer...).
+includes recomputation, dispatch, the optimizer...). XLA's count leaves out Mosaic
+kernels (splash attention) and counts a scanned loop body once (model.scan_layers),
+so the table says when either applies; compare FLOPs without scan_layers.
 
-Exit status: 0 compiled (and fits, or --allow_oom); 1 compiled but does not fit the
-HBM; 2 bad input (a mesh that does not fit the topology, say); 3 no libtpu.
+Exit status: 0 compiled (and fits, or --allow_oom); 1 does not fit the HBM (compiled,
+or refused by XLA while compiling, said in one line); 2 bad input (a mesh that does not fit the topology, say); 3 no libtpu.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def report(cfg, topology: str, devices, compiled, params, opt_state, mesh, vocab
       'mosaic_kernels': kernels['mosaic_kernels'], 'routed_kernels': kernels['routed_kernels'],
       'attention': f'{attention} -> {ran}' if attention != ran else ran,
       'remat': cfg.model.remat, 'microbatches': t.microbatches,
+      'scan_layers': bool(cfg.model.scan_layers),
       'compile_s': compile_s,
   }
 
@@ -151,7 +154,11 @@ def table(r: dict) -> str:
       f" = {r['total_gib']:.2f} GiB of {r['hbm_gib']:.1f} GiB HBM"
       f" ({'fits' if r['fits'] else 'DOES NOT FIT'})",
       f"per step: {r['compiled_tflop_per_step']:.3g} TFLOP compiled, "
-      f"{r['model_tflop_per_step']:.3g} TFLOP model -> MFU at most {r['mfu_upper_bound']:.1%}",
+      f"{r['model_tflop_per_step']:.3g} TFLOP model -> MFU at most {r['mfu_upper_bound']:.1%}"
+      + (' (scan_layers: XLA counts the scanned body once, so compiled FLOPs are too low)'
+         if r.get('scan_layers') else '')
+      + (' (the splash kernels\' FLOPs are not in XLA\'s count)'
+         if 'splash' in r.get('attention', '') else ''),
       f"attention {r['attention']}, remat {r['remat']}, microbatches {r['microbatches']}; "
       f"compiled in {r['compile_s']:.0f} s"])
 
@@ -186,7 +193,16 @@ def main(argv: list[str] | None = None) -> int:
   except cli.UsageError as e:
     print(f'routed.aot: {e} (topology {topology})', file=sys.stderr)
     return 2
-  compiled, params, opt_state, mesh, seconds = compile_train_step(cfg, devices, vocab_size)
+  try:
+    compiled, params, opt_state, mesh, seconds = compile_train_step(cfg, devices, vocab_size)
+  except Exception as e:  # pylint: disable=broad-except
+    # XLA refuses a program whose buffers exceed the HBM while compiling it.
+    message = ' '.join(str(e).split())
+    if 'RESOURCE_EXHAUSTED' not in message:
+      raise
+    print(f'routed.aot: does not fit {topology}: '
+          f'{message[message.index("RESOURCE_EXHAUSTED"):][:300]}', file=sys.stderr)
+    return 1
   result = report(cfg, topology, devices, compiled, params, opt_state, mesh, vocab_size,
                   seconds)
   print(table(result))

@@ -118,6 +118,11 @@ def is_summed(metric: str) -> bool:
   return metric in ('loss', 'ce') or metric.endswith('/choices')
 
 
+def without_counts(metrics) -> dict:
+  """The metrics worth logging: expert counts are the global scope's internals."""
+  return {k: v for k, v in metrics.items() if not k.endswith('/choices')}
+
+
 def layer_choices(metrics) -> dict:
   """{block index: active choices per expert [N]} from loss_fn's metrics."""
   return {int(key.split('/')[1][len('layer'):]): value for key, value in metrics.items()
@@ -209,6 +214,7 @@ def make_train_step(graphdef, cfg, optimizer, layout=None):
     rng = jax.random.fold_in(base_key, step)
     grads, metrics = accumulated_grads(loss_fn, params, batch, rng, cfg.train.microbatches,
                                        cfg.moe.balance_scope)
+    metrics = without_counts(metrics)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
@@ -234,7 +240,7 @@ def make_eval_step(graphdef, cfg, layout=None):
 
   def eval_step(params, batch):
     _, metrics = loss_fn(params, batch, None, False)
-    return metrics
+    return without_counts(metrics)
 
   if layout is None:
     return jax.jit(eval_step)

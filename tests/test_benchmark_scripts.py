@@ -4,6 +4,8 @@ in their smallest settings (timings are not checked: they belong in RESULTS.md).
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
@@ -35,3 +37,15 @@ def test_data_benchmark_prints_every_section(tmp_path, capsys):
   # The corpus is in the released C4 layout.
   assert sorted(os.listdir(tmp_path / 'c4')) == ['c4-train.00000-of-00002.json.gz',
                                                   'c4-train.00001-of-00002.json.gz']
+
+
+@pytest.mark.slow
+def test_aot_scale_prints_a_row_per_case(capsys):
+  """One real routed.aot compile (the quickstart shape for 4 v5p chips, experts split
+  over 2 and their d_ff over tensor=2) becomes a table row; an unknown case is exit 2."""
+  import aot_scale  # pylint: disable=g-import-not-at-top
+  assert aot_scale.main(['--cases=nope']) == 2
+  assert aot_scale.main(['--cases=smoke']) == 0
+  row = next(line for line in capsys.readouterr().out.splitlines()
+             if line.startswith('| switch_base.py:tiny'))
+  assert 'fits' in row and 'auto -> splash' in row and 'expert=2 tensor=2' in row, row

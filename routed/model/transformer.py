@@ -92,6 +92,7 @@ class Transformer(nnx.Module):
     self.dtype = DTYPES[m.compute_dtype]
     self.tie_embeddings = m.tie_embeddings
     self.embed = normal_param(rngs, (vocab_size, m.d_model), m.init_std, DTYPES[m.param_dtype])
+
     def make_block(i, rngs):
       is_moe, is_mod = moe_blocks(cfg)[i], mod_blocks(cfg)[i]
       block = Block(cfg, moe=is_moe, rngs=rngs)
@@ -126,13 +127,14 @@ class Transformer(nnx.Module):
       run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
     counts = balance_counts or {}
     layer_aux = []   # (block index, aux) in block order
+    # Before every block the residual stream is kept split by sequence over the mesh's
+    # batch axes (constrain).
     if self.period:
       p, u = self.period, self.num_units
       keys = None if rng is None else jax.vmap(lambda i: jax.random.fold_in(rng, i))(
           jnp.arange(u * p)).reshape(u, p)
       stacked = {j: jnp.stack([counts[v * p + j] for v in range(u)])
                  for j in range(p) if j in counts}
-      # The residual stream stays split by sequence over the mesh's batch axes.
       x, auxes = scan_lib.run_units(
           self.units, x, lambda block, x, key, c: run(block, constrain(x, RESIDUAL), key, c),
           keys, stacked)
