@@ -101,6 +101,16 @@ def logical_to_spec(names) -> P:
   return P(*(RULES.get(name) if name else None for name in names))
 
 
+def mesh_axes_here():
+  """The abstract mesh of the computation being traced, or None: outside any mesh, on
+  a one-device mesh, and inside a caller's own shard_map (which already made the
+  computation per device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
+    return None
+  return mesh
+
+
 def constrain(x, names):
   """x laid out as its logical dimension names say, when traced under a mesh
   (`jax.set_mesh`); unchanged otherwise."""

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from routed.sharding import RULES, mesh_axes_here
+
 SPLASH_BLOCK = 512      # largest splash block (tokens); short sequences use one block
 _LANES = 128            # splash blocks are multiples of the TPU lane width
 
@@ -112,8 +114,6 @@ def _splash_local(q, k, v, segment_ids, *, interpret: bool):
 
 def splash(q, k, v, segment_ids=None, *, interpret: bool = False):
   """The splash kernel, per device under a mesh: q, k, v [B, L, H, Dh] -> [B, L, H, Dh]."""
-  from routed.model.expert_parallel import mesh_axes_here  # pylint: disable=g-import-not-at-top
-  from routed.sharding import RULES  # pylint: disable=g-import-not-at-top
   local = functools.partial(_splash_local, interpret=interpret)
   mesh = mesh_axes_here()
   if mesh is None:

@@ -46,6 +46,7 @@ from routed.model.dispatch_gather import capacity_maps
 from routed.model.dropless import dropless_weights
 from routed.model.routers import Routing
 from routed.model.rows import combine_rows, gather_rows
+from routed.sharding import RULES, mesh_axes_here
 
 EXPERT_AXIS = 'expert'
 TENSOR_AXIS = 'tensor'
@@ -126,23 +127,12 @@ def dropless_exchange(dispatch, x, routing: Routing, shard: ExpertShard):
   return y.reshape(g, s, d).astype(out.dtype)
 
 
-def mesh_axes_here():
-  """The abstract mesh of the computation being traced, or None: outside any mesh, on
-  a one-device mesh, and inside a caller's own shard_map (which already made the
-  computation per device)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
-    return None
-  return mesh
-
-
 def dispatch_on_mesh(dispatch, x, decision, experts, *, dropless: bool):
   """dispatch(x, decision, experts) per device under the current mesh (or directly
   when there is none). x [G, S, D] -> y [G, S, D]."""
   mesh = mesh_axes_here()
   if mesh is None:
     return dispatch(x, decision, experts)
-  from routed.sharding import RULES  # pylint: disable=g-import-not-at-top
   batch = tuple(a for a in RULES['batch'] if a in mesh.axis_names)
   split = EXPERT_AXIS in mesh.axis_names and mesh.shape[EXPERT_AXIS] > 1
   experts_axis = EXPERT_AXIS if split else None
