@@ -111,6 +111,14 @@ def mesh_axes_here():
   return mesh
 
 
+def batch_shards() -> int:
+  """Devices the batch is split over under the mesh being traced for (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape[a] for a in RULES['batch'] if a in mesh.axis_names)
+
+
 def constrain(x, names):
   """x laid out as its logical dimension names say, when traced under a mesh
   (`jax.set_mesh`); unchanged otherwise."""

@@ -9,14 +9,13 @@ opt_state is optax's. A batch is the data pipeline's dict of int32 [B, L + 1] ar
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from routed.model.reinforce import reinforce_loss
+from routed.sharding import batch_shards
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
@@ -129,15 +128,6 @@ def layer_choices(metrics) -> dict:
           if key.startswith('moe/layer') and key.endswith('/choices')}
 
 
-def batch_shards() -> int:
-  """Devices the batch is split over under the mesh being traced for (1 without one)."""
-  from routed.sharding import RULES  # pylint: disable=g-import-not-at-top
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  return math.prod(mesh.shape[a] for a in RULES['batch'] if a in mesh.axis_names)
-
-
 def microbatch_rows(a, microbatches: int, shards: int):
   """[B, ...] -> [k, B / k, ...]: microbatch m holds the m-th k-th of every batch
   shard's rows, so each microbatch stays spread over all devices (no resharding) and
@@ -168,20 +158,18 @@ def accumulated_grads(loss_fn, params, batch, rng, microbatches: int,
   if microbatches == 1:
     return grad_fn(params, batch, rng, True)
   num_targets = jnp.sum(batch['segment_ids'][:, 1:] != 0).astype(jnp.float32)
-  shards = batch_shards()
+  shards = batch_shards()  # 1 outside a mesh
   slices = jax.tree.map(lambda a: microbatch_rows(a, microbatches, shards), batch)
 
   micro_rng = lambda i: None if rng is None else jax.random.fold_in(rng, i)
   counts = None
   if balance_scope == 'global':
-    def count(total, inputs):
+    def count(_, inputs):
       i, micro = inputs
       _, metrics = loss_fn(jax.lax.stop_gradient(params), micro, micro_rng(i), True)
-      return jax.tree.map(jnp.add, total, layer_choices(metrics)), None
-    zero = jax.eval_shape(lambda: layer_choices(loss_fn(params, jax.tree.map(
-        lambda a: a[0], slices), micro_rng(0), True)[1]))
-    counts, _ = jax.lax.scan(count, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero),
-                             (jnp.arange(microbatches), slices))
+      return None, layer_choices(metrics)
+    _, per_micro = jax.lax.scan(count, None, (jnp.arange(microbatches), slices))
+    counts = jax.tree.map(lambda a: jnp.sum(a, axis=0), per_micro)
 
   def body(total, inputs):
     i, micro = inputs
