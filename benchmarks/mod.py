@@ -61,7 +61,7 @@ class Sampler:
     from routed.data import load_dataset  # pylint: disable=g-import-not-at-top
     self.cfg = sample.load_run_config(workdir)
     data = load_dataset(self.cfg.data, self.cfg.train.seq_len)
-    self.graphdef, self.params, _ = sample.load_params(self.cfg, workdir, data.vocab_size)
+    self.graphdef, self.params, _, _ = sample.load_params(self.cfg, workdir, data.vocab_size)
     self.prompt = list(data.vocabulary.encode('import os\n'))
     self.next_token = sample.make_next_token(self.graphdef)
     self.per_token: list[float] = []

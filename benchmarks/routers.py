@@ -38,6 +38,7 @@ from flax import nnx
 
 from routed import cli
 from routed import step as step_lib
+from routed.routing_state import init_state
 from routed.model.moe import is_causal
 from routed.model.transformer import build_model
 from routed.train import run
@@ -111,6 +112,7 @@ class StepTimer:
     self.params = nnx.to_pure_dict(state)
     optimizer = step_lib.make_optimizer(c.train)
     self.opt_state = optimizer.init(self.params)
+    self.routing = init_state(c)
     self.step_fn = step_lib.make_train_step(graphdef, c, optimizer)
     self.batch = batch.batch
     self.times: list[float] = []
@@ -119,8 +121,8 @@ class StepTimer:
   def run(self, steps: int, record: bool = True) -> None:
     for i in range(steps):
       start = time.perf_counter()
-      self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state,
-                                                          self.batch, i)
+      self.params, self.opt_state, self.routing, metrics = self.step_fn(
+          self.params, self.opt_state, self.routing, self.batch, i)
       metrics['loss'].block_until_ready()
       if record:
         self.times.append(time.perf_counter() - start)

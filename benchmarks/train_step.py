@@ -28,6 +28,7 @@ from flax import nnx
 
 from routed import cli
 from routed import step as step_lib
+from routed.routing_state import init_state
 from routed.model.accounting import model_size
 from routed.model.transformer import build_model
 
@@ -66,6 +67,7 @@ class StepTimer:
     self.params = nnx.to_pure_dict(state)
     optimizer = step_lib.make_optimizer(self.cfg.train)
     self.opt_state = optimizer.init(self.params)
+    self.routing = init_state(self.cfg)
     self.step_fn = step_lib.make_train_step(graphdef, self.cfg, optimizer)
     t = self.cfg.train
     self.batch = step_lib.token_batch(np.random.default_rng(1).integers(
@@ -78,8 +80,8 @@ class StepTimer:
   def run(self, steps: int) -> None:
     for _ in range(steps):
       start = time.perf_counter()
-      self.params, self.opt_state, metrics = self.step_fn(
-          self.params, self.opt_state, self.batch, self.step)
+      self.params, self.opt_state, self.routing, metrics = self.step_fn(
+          self.params, self.opt_state, self.routing, self.batch, self.step)
       metrics['loss'].block_until_ready()
       self.times.append(time.perf_counter() - start)
       self.step += 1

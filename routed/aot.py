@@ -89,19 +89,23 @@ def compile_train_step(cfg, devices, vocab_size: int):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from routed import step as step_lib  # pylint: disable=g-import-not-at-top
+  from routed.routing_state import init_state  # pylint: disable=g-import-not-at-top
   from routed.sharding import make_mesh  # pylint: disable=g-import-not-at-top
   from routed.train_state import abstract_state  # pylint: disable=g-import-not-at-top
   mesh = make_mesh(cfg.mesh, devices)
-  optimizer = step_lib.make_optimizer(cfg.train)
+  optimizer = step_lib.optimizer_for(cfg, vocab_size)
   graphdef, params, opt_state, layout = abstract_state(cfg, vocab_size, mesh, optimizer)
   train_step = step_lib.make_train_step(graphdef, cfg, optimizer, layout)
   t = cfg.train
   row = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=layout.batch)
   batch = {'tokens': row, 'segment_ids': row, 'positions': row}
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated)
+  routing = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=layout.replicated),
+      jax.eval_shape(lambda: init_state(cfg)))
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = train_step.lower(params, opt_state, batch, step).compile()
+    compiled = train_step.lower(params, opt_state, routing, batch, step).compile()
   return compiled, params, opt_state, mesh, time.perf_counter() - start
 
 

@@ -1,8 +1,12 @@
-"""Orbax checkpoints of a training run: params, optimizer state, step, data position.
+"""Orbax checkpoints of a training run: params, optimizer state, routing state, step,
+data position.
 
-Layout: WORKDIR/checkpoints/<step>/{state,meta}. `state` holds the pytrees,
+Layout: WORKDIR/checkpoints/<step>/{state,meta}. `state` holds the pytrees (params,
+opt_state and, when a routing option keeps one, the routing state of
+routed/routing_state.py),
 `meta` a small JSON record. Training batches are a pure function of (seed, step), so
-the step is the data position; meta records both so a reader need not know that.
+the step (plus init.data_offset) is the data position; meta records both so a reader
+need not know that.
 WORKDIR may be local or gs:// (paths go through etils.epath, which Orbax uses).
 
 Nothing already written is ever lost:
@@ -94,8 +98,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, params, opt_state, meta: dict) -> None:
+  def save(self, step: int, params, opt_state, meta: dict, routing=None) -> None:
     state = {'params': params, 'opt_state': opt_state}
+    if routing:
+      state['routing'] = routing
     meta = {'step': step, 'data_position': step, **meta}
     try:
       # Raises, too, the error of an earlier asynchronous save that failed.
@@ -106,23 +112,27 @@ class Checkpointer:
                       f'{self.directory}: {one_line(e)}; earlier checkpoints are intact') from e
     self._pending = step
 
-  def restore(self, step: int, params_like, opt_state_like):
-    """Restores (params, opt_state, meta) shaped (and sharded) like the given pytrees."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          {'params': params_like, 'opt_state': opt_state_like})
+  def restore(self, step: int, params_like, opt_state_like, routing_like=None):
+    """Restores (params, opt_state, meta, routing) shaped (and sharded) like the given
+    pytrees; routing is {} when routing_like is empty."""
+    like = {'params': params_like, 'opt_state': opt_state_like}
+    if routing_like:
+      like['routing'] = routing_like
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    return restored.state['params'], restored.state['opt_state'], dict(restored.meta)
+    state = restored.state
+    return state['params'], state['opt_state'], dict(restored.meta), state.get('routing', {})
 
-  def restore_latest(self, params_like, opt_state_like, log):
-    """(step, params, opt_state) of the newest checkpoint that reads back, or None.
-
-    Unreadable ones, newest first, are reported through log(line) and moved aside.
+  def restore_latest(self, params_like, opt_state_like, log, routing_like=None):
+    """(step, params, opt_state, routing) of the newest checkpoint that reads back, or
+    None. Unreadable ones, newest first, are reported through log(line) and moved aside.
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        params, opt_state, _ = self.restore(step, params_like, opt_state_like)
-        return step, params, opt_state
+        params, opt_state, _, routing = self.restore(step, params_like, opt_state_like,
+                                                     routing_like)
+        return step, params, opt_state, routing
       except Exception as e:  # pylint: disable=broad-except
         moved = self._set_aside(step)
         log(f'checkpoint {step} is unreadable ({one_line(e)}); moved it to {moved} and '

@@ -18,7 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 12           # attention heads; must divide d_model
   c.model.num_layers = 12          # Transformer blocks
   c.model.d_ff = 3072              # hidden width of the dense MLP and of each expert
-  c.model.activation = 'gelu'      # MLP / expert nonlinearity: relu | gelu | silu
+  c.model.activation = 'gelu'      # MLP / expert nonlinearity: relu | gelu | silu | swiglu
+                                   # (gated: silu(x W_gate) * x W_up, three matrices per MLP)
+  c.model.num_kv_heads = 0         # key/value heads; fewer than num_heads (dividing it) is
+                                   # grouped-query attention, 1 is multi-query; 0 = num_heads
   c.model.rope_base = 10000.0      # rotary position embedding base (wavelength)
   c.model.attention = 'auto'       # attention implementation (routed/model/attention.py):
                                    # reference (einsum, the oracle) | dot_product
@@ -32,6 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
                                    # grow with depth (routed/model/scan.py)
   c.model.param_dtype = 'float32'  # dtype parameters are stored in: float32 | bfloat16
   c.model.compute_dtype = 'float32'  # dtype of activations and matmuls: float32 | bfloat16
+  c.model.parametrization = 'standard'  # standard | mup: μP's init, per-parameter learning
+                                   # rates and multipliers (routed/model/mup.py), so the best
+                                   # learning rate found at mup_base_width holds at any width
+  c.model.mup_base_width = 128     # mup: the d_model at which μP equals the standard
+                                   # parametrization (where learning rates were tuned)
   c.model.init_std = 0.02          # std of the normal init of embeddings and dense kernels
   c.model.tie_embeddings = True    # output logits reuse the input embedding matrix
 
@@ -54,17 +62,31 @@ def base_config() -> ml_collections.ConfigDict:
                                    # see routed/model/dispatch.py
   c.moe.aux_loss_weight = 0.01     # weight of the load-balance loss, averaged over MoE layers
   c.moe.z_loss_weight = 1e-3       # weight of the router z-loss, averaged over MoE layers
+  c.moe.erc_loss_weight = 0.0      # > 0: weight of the expert-router coupling loss (routers
+                                   # with a linear kernel; routed/model/erc.py), averaged over
+                                   # MoE layers; costs E^2 proxy activations per layer and step
+  c.moe.erc_noise = 0.1            # ERC: proxy tokens are router embeddings * U(1-eps, 1+eps)
   c.moe.router_init_scale = 0.1    # router kernel std = sqrt(scale / d_model) (Switch: 0.1)
   c.moe.jitter = 0.01              # training-only router input noise: x * U(1-eps, 1+eps)
   c.moe.expert_d_ff = 0            # hidden width of each routed expert; 0 = model.d_ff
   c.moe.num_shared_experts = 0     # always-on experts added to the routed output (DeepSeekMoE),
                                    # computed as one dense MLP of width num_shared * expert d_ff
+                                   # (the fine-grained width with granularity)
+  c.moe.granularity = 1            # m > 1: fine-grained experts (DeepSeekMoE; topk and
+                                   # expert_choice): each expert split into m of width d_ff / m,
+                                   # m * num_experts of them and m * top_k choices (expert choice:
+                                   # m * capacity factor), so parameters and FLOPs stay fixed
   # Gating options of the token-choice routers (switch, topk):
   c.moe.gate = 'softmax'           # softmax | sigmoid (normalised sigmoid scores) | relu (ReMoE)
   c.moe.renormalize = False        # divide the chosen gates by their sum (GShard top-k); topk only
   c.moe.num_null_experts = 0       # zero-compute experts a token may choose (AdaMoE): output 0
   c.moe.top_p = 0.0                # > 0: per-token k = fewest top experts whose probability
                                    # reaches top_p, capped at top_k; 0 = always top_k
+  c.moe.bias_update_rate = 0.0     # > 0: aux-loss-free balancing (DeepSeek-V3; switch, topk with
+                                   # softmax or sigmoid gates): a per-expert bias added to the
+                                   # gates for choosing experts only, moved by this much each
+                                   # step towards balance (routed/routing_state.py; DeepSeek-V3:
+                                   # 0.001); aux_loss_weight may then be 0
   c.moe.relu_l1_weight = 1e-2      # relu gate: weight of the load-balanced L1 sparsity loss
   c.moe.relu_target = 1.0          # relu gate: the L1 loss applies while the mean number of
                                    # active experts per token exceeds this
@@ -77,6 +99,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.balance_shards = 1         # slices a step's batch is viewed as (data-parallel shards
                                    # or micro-batches); with train.microbatches = k each
                                    # microbatch is balance_shards / k slices (at least one)
+  # Expert choice (router expert_choice):
+  c.moe.causal_rule = 'none'       # how evaluation and sampling route: none (top-C of the group,
+                                   # as in training: NOT causal) | threshold (every expert whose
+                                   # learned threshold the token's score exceeds: causal, so
+                                   # routed.sample works; routed/model/expert_choice.py)
+  c.moe.threshold_ema = 0.01       # threshold: moving-average rate of each expert's C-th score
+  c.moe.eval_max_experts = 0       # threshold: at most this many experts per token; 0 = all E
   # Other routers:
   c.moe.slots_per_expert = 1       # soft: slots P per expert; S / E slots each = top-1 FLOPs
   c.moe.sinkhorn_iters = 8         # sbase: Sinkhorn normalisations per training step
@@ -118,6 +147,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.nonfinite = 'stop'       # a step whose loss or gradients are not finite is never
                                    # applied; then: stop (exit 1, nothing saved after it) |
                                    # skip (go on with the next batch; counted in train/skipped)
+
+  # The first parameters from another run's checkpoint (routed/init_from.py).
+  c.init = ml_collections.ConfigDict()
+  c.init.from_checkpoint = ''      # a run's WORKDIR (its latest checkpoint) or a checkpoint
+                                   # directory WORKDIR/checkpoints/<step>; '' = fresh init. Only
+                                   # params are taken: optimizer and step start fresh
+  c.init.upcycle = False           # sparse upcycling from a dense checkpoint: every expert starts
+                                   # as a copy of its block's dense MLP, routers fresh
+  c.init.upcycle_noise = 0.0       # upcycling: Gaussian noise added to each expert copy, in
+                                   # units of the copied weight's std (0 = exact copies)
+  c.init.data_offset = 0           # the run's step s reads the data's batch s + data_offset
+                                   # (the source run's step continues its data; 0 = from the start)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 1000        # steps between evaluations (and at the end); 0 = never

@@ -63,12 +63,14 @@ def check_causal(cfg) -> None:
 
 
 def load_params(cfg, workdir: str, vocab_size: int):
-  """(graphdef, params, step) of the newest checkpoint in workdir."""
+  """(graphdef, params, routing, step) of the newest checkpoint in workdir; routing is
+  its routing state (routed/routing_state.py)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from routed import step as step_lib  # pylint: disable=g-import-not-at-top
   from routed.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   from routed.model.transformer import build_model  # pylint: disable=g-import-not-at-top
+  from routed.routing_state import init_state  # pylint: disable=g-import-not-at-top
   model = build_model(cfg, vocab_size, cfg.train.seed)
   graphdef, state = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(state)
@@ -77,22 +79,25 @@ def load_params(cfg, workdir: str, vocab_size: int):
     latest = ckpt.latest_step()
     if latest is None:
       raise cli.UsageError(f'--workdir: {workdir} has no checkpoint yet')
-    opt_like = jax.eval_shape(step_lib.make_optimizer(cfg.train).init, params)
-    params, _, _ = ckpt.restore(latest, params, opt_like)
+    opt_like = jax.eval_shape(step_lib.optimizer_for(cfg, vocab_size).init, params)
+    params, _, _, routing = ckpt.restore(latest, params, opt_like, init_state(cfg))
   finally:
     ckpt.close()
-  return graphdef, params, latest
+  return graphdef, params, routing, latest
 
 
 def make_next_token(graphdef):
-  """jit(next_token(params, buffer int32 [1, W], n, key, temperature) -> int32 [])."""
+  """jit(next_token(params, routing, buffer int32 [1, W], n, key, temperature) -> int32 []);
+  routing is the routing state (routed/routing_state.py)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  def next_token(params, buffer, n, key, temperature):
+  from routed.routing_state import layer_inputs  # pylint: disable=g-import-not-at-top
+
+  def next_token(params, routing, buffer, n, key, temperature):
     model = nnx.merge(graphdef, params)
-    logits, _ = model(buffer, train=False)
+    logits, _ = model(buffer, train=False, layer_state=layer_inputs(routing))
     last = jax.lax.dynamic_index_in_dim(logits[0], n - 1, keepdims=False)   # [V]
     sampled = jax.random.categorical(key, last / jnp.maximum(temperature, 1e-6))
     return jnp.where(temperature > 0, sampled, jnp.argmax(last)).astype(jnp.int32)
@@ -101,8 +106,9 @@ def make_next_token(graphdef):
 
 
 def generate(graphdef, params, prompt_ids, *, window: int, max_new_tokens: int,
-             temperature: float, seed: int, next_token=None):
-  """Returns (new token ids, seconds per generated token after the first)."""
+             temperature: float, seed: int, next_token=None, routing=None):
+  """Returns (new token ids, seconds per generated token after the first); routing:
+  the run's routing state (load_params)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   next_token = next_token or make_next_token(graphdef)
@@ -114,8 +120,8 @@ def generate(graphdef, params, prompt_ids, *, window: int, max_new_tokens: int,
     buffer = np.zeros((1, window), np.int32)
     buffer[0, :len(context)] = context
     start = time.perf_counter()
-    token = int(next_token(params, buffer, np.int32(len(context)), jax.random.fold_in(key, i),
-                           np.float32(temperature)))
+    token = int(next_token(params, routing or {}, buffer, np.int32(len(context)),
+                           jax.random.fold_in(key, i), np.float32(temperature)))
     times.append(time.perf_counter() - start)
     ids.append(token)
     new.append(token)
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = list(data.vocabulary.encode(flags['prompt']))
     if not prompt_ids:
       raise cli.UsageError('--prompt: encodes to no tokens; give some text')
-    graphdef, params, step = load_params(cfg, workdir, data.vocab_size)
+    graphdef, params, routing, step = load_params(cfg, workdir, data.vocab_size)
   except cli.UsageError as e:
     log(f'routed.sample: {e}')
     return 2
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
   log(f'checkpoint step {step} | {routing_mode(cfg, train=False)}')
   new, per_token = generate(graphdef, params, prompt_ids, window=cfg.train.seq_len,
                             max_new_tokens=flags['max_new_tokens'],
-                            temperature=flags['temperature'], seed=flags['seed'])
+                            temperature=flags['temperature'], seed=flags['seed'],
+                            routing=routing)
   print(data.vocabulary.decode(prompt_ids + new), flush=True)
   log(f'{len(new)} tokens, {1 / per_token:.1f} tokens/s (median step after compilation)')
   return 0

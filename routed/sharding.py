@@ -49,6 +49,8 @@ PARAM_AXES = (
     (r'embed', ('vocab', 'embed')),
     (r'unembed', ('embed', 'vocab')),
     (r'.*attn/qkv', ('embed', None, 'heads', None)),
+    (r'.*attn/q', ('embed', 'heads', None)),
+    (r'.*attn/kv', ('embed', None, 'heads', None)),
     (r'.*attn/out', ('heads', None, 'embed')),
     (r'.*experts/wi', ('expert', 'embed', 'mlp')),
     (r'.*experts/wo', ('expert', 'mlp', 'embed')),

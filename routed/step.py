@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from routed import routing_state
+from routed.model import mup
 from routed.model.reinforce import reinforce_loss
 from routed.sharding import batch_shards
 
@@ -27,14 +29,30 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
       decay_steps=max(train_cfg.steps, warmup + 1), end_value=peak * train_cfg.min_lr_ratio)
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
+def make_optimizer(train_cfg, lr_scales=None) -> optax.GradientTransformation:
+  """AdamW on the schedule, after global-norm clipping; lr_scales (a pytree like params
+  of floats: μP's per-parameter learning rates, routed/model/mup.py) multiply each
+  parameter's update."""
   # Decay matrices only: norm scales are 1-D and decaying them just fights the norm.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
                       weight_decay=train_cfg.weight_decay, mask=decay_mask)
-  if train_cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw)
-  return adamw
+  parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
+  parts.append(adamw)
+  if lr_scales is not None:
+    parts.append(mup.scale_by_learning_rates(lr_scales))
+  return optax.chain(*parts) if len(parts) > 1 else adamw
+
+
+def optimizer_for(cfg, vocab_size: int) -> optax.GradientTransformation:
+  """The run's optimizer: make_optimizer, with μP's per-parameter learning rates under
+  model.parametrization=mup."""
+  if cfg.model.parametrization != 'mup':
+    return make_optimizer(cfg.train)
+  from routed.model.transformer import build_model  # pylint: disable=g-import-not-at-top
+  shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+      lambda: build_model(cfg, vocab_size, cfg.train.seed)), nnx.Param))
+  return make_optimizer(cfg.train, mup.factors(shapes, cfg.model, mup.lr_factor))
 
 
 def token_cross_entropy(logits, targets):
@@ -62,6 +80,7 @@ def loss_weights(cfg) -> dict:
   moe = cfg.moe
   return {'balance': moe.aux_loss_weight, 'z': moe.z_loss_weight,
           'relu_l1': moe.relu_l1_weight, 'reinforce': moe.reinforce_weight,
+          'erc': moe.erc_loss_weight,
           'mod_causal': cfg.mod.aux_loss_weight}
 
 
@@ -80,16 +99,17 @@ def make_loss_fn(graphdef, cfg):
   weights = loss_weights(cfg)
 
   def loss_fn(params, batch, rng, train: bool, num_targets=None, share: float = 1.0,
-              balance_counts=None):
+              layer_state=None):
     """num_targets: real targets of the whole step's batch when this is one of its
     microbatches (the cross-entropy is then this batch's sum over that count), and
     share its fraction of the rows, which the auxiliary losses are weighted by;
-    balance_counts: the step's expert counts per MoE block (accumulated_grads)."""
+    layer_state: {MoE block: the routing state (routed/routing_state.py) and the
+    step's expert counts} (accumulated_grads)."""
     model = nnx.merge(graphdef, params)
     tokens = batch['tokens']
     documents = {} if cfg.data.cross_document_attention else {
         'positions': batch['positions'][:, :-1], 'segment_ids': batch['segment_ids'][:, :-1]}
-    logits, aux = model(tokens[:, :-1], train=train, rng=rng, balance_counts=balance_counts,
+    logits, aux = model(tokens[:, :-1], train=train, rng=rng, layer_state=layer_state,
                         **documents)
     token_ce = token_cross_entropy(logits, tokens[:, 1:])
     real = (batch['segment_ids'][:, 1:] != 0).astype(token_ce.dtype)
@@ -118,8 +138,21 @@ def is_summed(metric: str) -> bool:
 
 
 def without_counts(metrics) -> dict:
-  """The metrics worth logging: expert counts are the global scope's internals."""
-  return {k: v for k, v in metrics.items() if not k.endswith('/choices')}
+  """The metrics worth logging. Expert counts (moe/layer{i}/choices [N], over the
+  whole step) become moe/layer{i}/load_max and load_min: the most and the least loaded
+  real expert's share of the choices as a multiple of the mean share 1/E (1.0 each at
+  perfect balance; DeepSeek-V3's MaxVio is load_max - 1)."""
+  out = {}
+  for name, value in metrics.items():
+    if not name.endswith('/choices'):
+      out[name] = value
+      continue
+    layer = name[:-len('choices')]
+    e = metrics[layer + 'expert_load'].shape[-1]   # real experts: the first E counts
+    share = value[:e] / jnp.maximum(jnp.sum(value), 1.0)
+    out[layer + 'load_max'] = e * jnp.max(share)
+    out[layer + 'load_min'] = e * jnp.min(share)
+  return out
 
 
 def layer_choices(metrics) -> dict:
@@ -138,7 +171,7 @@ def microbatch_rows(a, microbatches: int, shards: int):
 
 
 def accumulated_grads(loss_fn, params, batch, rng, microbatches: int,
-                      balance_scope: str = 'micro'):
+                      balance_scope: str = 'micro', routing=None):
   """(grads, metrics) of loss_fn on the whole batch, computed in `microbatches` equal
   slices of its rows under lax.scan, so only one slice's activations are live.
 
@@ -152,11 +185,13 @@ def accumulated_grads(loss_fn, params, batch, rng, microbatches: int,
   step before any slice's loss: a first pass runs the slices forward only (about a
   third of a step's FLOPs more) and sums the counts, which every slice's balance
   loss then uses. The `micro` scope (the default) uses each slice's own counts and
-  needs no extra pass.
+  needs no extra pass. routing: the routing state (routed/routing_state.py), which
+  every slice's routers read.
   """
+  routing = routing or {}
   grad_fn = jax.grad(loss_fn, has_aux=True)
   if microbatches == 1:
-    return grad_fn(params, batch, rng, True)
+    return grad_fn(params, batch, rng, True, None, 1.0, routing_state.layer_inputs(routing))
   num_targets = jnp.sum(batch['segment_ids'][:, 1:] != 0).astype(jnp.float32)
   shards = batch_shards()  # 1 outside a mesh
   slices = jax.tree.map(lambda a: microbatch_rows(a, microbatches, shards), batch)
@@ -166,7 +201,8 @@ def accumulated_grads(loss_fn, params, batch, rng, microbatches: int,
   if balance_scope == 'global':
     def count(_, inputs):
       i, micro = inputs
-      _, metrics = loss_fn(jax.lax.stop_gradient(params), micro, micro_rng(i), True)
+      _, metrics = loss_fn(jax.lax.stop_gradient(params), micro, micro_rng(i), True,
+                           layer_state=routing_state.layer_inputs(routing))
       return None, layer_choices(metrics)
     _, per_micro = jax.lax.scan(count, None, (jnp.arange(microbatches), slices))
     counts = jax.tree.map(lambda a: jnp.sum(a, axis=0), per_micro)
@@ -174,7 +210,7 @@ def accumulated_grads(loss_fn, params, batch, rng, microbatches: int,
   def body(total, inputs):
     i, micro = inputs
     grads, metrics = grad_fn(params, micro, micro_rng(i), True, num_targets,
-                             1.0 / microbatches, counts)
+                             1.0 / microbatches, routing_state.layer_inputs(routing, counts))
     return jax.tree.map(jnp.add, total, grads), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -185,7 +221,9 @@ def accumulated_grads(loss_fn, params, batch, rng, microbatches: int,
 
 
 def make_train_step(graphdef, cfg, optimizer, layout=None):
-  """Returns jit(train_step(params, opt_state, batch, step) -> (params, opt_state, metrics)).
+  """Returns jit(train_step(params, opt_state, routing, batch, step) -> (params, opt_state,
+  routing, metrics)); routing is the routing state (routed/routing_state.py), updated
+  from the step's expert counts.
 
   Router noise for step s comes from fold_in(key(seed), s), so a resumed run draws the
   same noise as an uninterrupted one. train.microbatches > 1 accumulates the gradient
@@ -198,11 +236,13 @@ def make_train_step(graphdef, cfg, optimizer, layout=None):
   schedule = learning_rate_schedule(cfg.train)
   base_key = jax.random.key(cfg.train.seed)
 
-  def train_step(params, opt_state, batch, step):
+  def train_step(params, opt_state, routing, batch, step):
     rng = jax.random.fold_in(base_key, step)
     grads, metrics = accumulated_grads(loss_fn, params, batch, rng, cfg.train.microbatches,
-                                       cfg.moe.balance_scope)
+                                       cfg.moe.balance_scope, routing)
+    new_routing = routing_state.update_state(cfg, routing, metrics, step)
     metrics = without_counts(metrics)
+    metrics.update(routing_state.state_metrics(new_routing))
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
@@ -213,24 +253,28 @@ def make_train_step(graphdef, cfg, optimizer, layout=None):
     keep = lambda new, old: jnp.where(finite, new, old)
     metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
     return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state),
-            metrics)
+            jax.tree.map(keep, new_routing, routing), metrics)
 
   if layout is None:
-    return jax.jit(train_step, donate_argnums=(0, 1))
-  return jax.jit(train_step, donate_argnums=(0, 1),
-                 in_shardings=(layout.params, layout.opt_state, layout.batch, layout.replicated),
-                 out_shardings=(layout.params, layout.opt_state, layout.replicated))
+    return jax.jit(train_step, donate_argnums=(0, 1, 2))
+  return jax.jit(train_step, donate_argnums=(0, 1, 2),
+                 in_shardings=(layout.params, layout.opt_state, layout.replicated, layout.batch,
+                               layout.replicated),
+                 out_shardings=(layout.params, layout.opt_state, layout.replicated,
+                                layout.replicated))
 
 
 def make_eval_step(graphdef, cfg, layout=None):
-  """Returns jit(eval_step(params, batch) -> metrics), routing in eval mode."""
+  """Returns jit(eval_step(params, routing, batch) -> metrics), routing in eval mode
+  with the routing state `routing` (routed/routing_state.py)."""
   loss_fn = make_loss_fn(graphdef, cfg)
 
-  def eval_step(params, batch):
-    _, metrics = loss_fn(params, batch, None, False)
+  def eval_step(params, routing, batch):
+    _, metrics = loss_fn(params, batch, None, False,
+                         layer_state=routing_state.layer_inputs(routing))
     return without_counts(metrics)
 
   if layout is None:
     return jax.jit(eval_step)
-  return jax.jit(eval_step, in_shardings=(layout.params, layout.batch),
+  return jax.jit(eval_step, in_shardings=(layout.params, layout.replicated, layout.batch),
                  out_shardings=layout.replicated)

@@ -53,6 +53,7 @@ class Run:
     from routed.data import load_dataset  # pylint: disable=g-import-not-at-top
     from routed.model.accounting import model_size  # pylint: disable=g-import-not-at-top
     from routed.reporting import MetricsWriter  # pylint: disable=g-import-not-at-top
+    from routed.routing_state import init_state  # pylint: disable=g-import-not-at-top
     from routed.sharding import make_mesh  # pylint: disable=g-import-not-at-top
     from routed.train_state import create_state  # pylint: disable=g-import-not-at-top
 
@@ -60,10 +61,12 @@ class Run:
     workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     self.lead = jax.process_index() == 0
     self.data = load_dataset(cfg.data, cfg.train.seq_len)
-    optimizer = step_lib.make_optimizer(cfg.train)
+    optimizer = step_lib.optimizer_for(cfg, self.data.vocab_size)
     self.mesh = make_mesh(cfg.mesh)
     graphdef, self.params, self.opt_state, self.layout = create_state(
         cfg, self.data.vocab_size, self.mesh, optimizer)
+    # Replicated: a few numbers per MoE layer (routed/routing_state.py).
+    self.routing = jax.jit(lambda: init_state(cfg), out_shardings=self.layout.replicated)()
     self.train_step = step_lib.make_train_step(graphdef, cfg, optimizer, self.layout)
     self.eval_step = step_lib.make_eval_step(graphdef, cfg, self.layout)
     self.size = model_size(cfg, self.data.vocab_size)
@@ -74,9 +77,20 @@ class Run:
     # Restored onto this run's mesh, whatever mesh wrote it; an unreadable latest
     # checkpoint is reported, set aside, and the one before it restored.
     restored = self.checkpointer.restore_latest(
-        self.params, self.opt_state, lambda line: log(f'routed.train: {line}', always=True))
+        self.params, self.opt_state, lambda line: log(f'routed.train: {line}', always=True),
+        self.routing)
     if restored is not None:
-      self.step, self.params, self.opt_state = restored
+      self.step, self.params, self.opt_state, self.routing = restored
+    elif cfg.init.from_checkpoint:
+      # A new run starting from another run's parameters (warm start or upcycling).
+      from routed.init_from import initial_params  # pylint: disable=g-import-not-at-top
+      try:
+        self.params = initial_params(cfg, self.params, self.layout.params)
+      except Exception:
+        self.close()
+        raise
+      log(f'routed.train: parameters from {cfg.init.from_checkpoint}' +
+          (' (sparse upcycling)' if cfg.init.upcycle else ''))
     self.writer.truncate_after(self.step)
     if self.lead:
       (workdir_path(workdir) / 'config.json').write_text(cfg.to_json(indent=2))
@@ -101,9 +115,18 @@ class Run:
       self._eval_batches = [self.on_mesh(batch, rows, size) for batch in
                             self.data.eval_batches(ecfg.num_batches, size, rows)]
     import jax  # pylint: disable=g-import-not-at-top
+    from routed import routing_state  # pylint: disable=g-import-not-at-top
     with jax.set_mesh(self.mesh):
-      history = [self.eval_step(self.params, batch) for batch in self._eval_batches]
-    return mean_metrics(history, 'eval')
+      history = [self.eval_step(self.params, self.routing, batch)
+                 for batch in self._eval_batches]
+      out = mean_metrics(history, 'eval')
+      if routing_state.uses_threshold(self.cfg):
+        # What the causal rule costs: the same batches routed by top-C selection.
+        top_c = [self.eval_step(self.params, routing_state.without_thresholds(self.routing),
+                                batch)
+                 for batch in self._eval_batches]
+        out['eval/ce_top_c'] = mean_metrics(top_c, 'eval')['eval/ce']
+    return out
 
   def on_mesh(self, batch: dict, rows, batch_size: int) -> dict:
     """This process's rows `rows` of a batch -> the global batch on the mesh."""
@@ -112,7 +135,9 @@ class Run:
 
   def save(self) -> None:
     self.checkpointer.save(self.step, self.params, self.opt_state,
-                           {'seed': self.cfg.train.seed})
+                           {'seed': self.cfg.train.seed,
+                            'data_position': self.step + self.cfg.init.data_offset},
+                           self.routing)
 
   def train(self) -> dict:
     """Trains to cfg.train.steps, or until SIGTERM (then saves and returns); returns the
@@ -128,14 +153,16 @@ class Run:
     history, row = [], {}
     clock = None  # (start time, steps since then), started after the first step
     watch = NonFiniteWatch(t.nonfinite, lambda line: log(f'routed.train: {line}'))
-    # Batches are read ahead in threads, from this step on: the data position is the step.
-    batches = self.data.train_batches(self.step, t.batch_size, t.seed, self.rows)
+    # Batches are read ahead in threads, from this step on: the data position is the step
+    # (plus init.data_offset).
+    batches = self.data.train_batches(self.step + cfg.init.data_offset, t.batch_size, t.seed,
+                                      self.rows)
     with StopRequest() as stop:
       while self.step < t.steps:
         batch = self.on_mesh(next(batches), self.rows, t.batch_size)
         with jax.set_mesh(self.mesh):
-          self.params, self.opt_state, metrics = self.train_step(
-              self.params, self.opt_state, batch, self.step)
+          self.params, self.opt_state, self.routing, metrics = self.train_step(
+              self.params, self.opt_state, self.routing, batch, self.step)
         self.step += 1
         watch.add(self.step, metrics['skipped'])
         if clock is None:
@@ -188,6 +215,8 @@ class Run:
     if 'eval/ce' in row:
       from routed.model.transformer import routing_mode  # pylint: disable=g-import-not-at-top
       line += f" | eval ce {row['eval/ce']:.4f} [{routing_mode(self.cfg, train=False)}]"
+      if 'eval/ce_top_c' in row:
+        line += f" | non-causal top-C eval ce {row['eval/ce_top_c']:.4f}"
     log(line)
     return row
 
@@ -242,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
   from routed.preemption import NonFiniteError  # pylint: disable=g-import-not-at-top
   try:
     final = run(cfg, flags['workdir'])
-  except DataError as e:
+  except (DataError, cli.UsageError) as e:
     log(f'routed.train: {e}', always=True)
     return 2
   except (NonFiniteError, SaveError) as e:

@@ -35,6 +35,9 @@ def validate_model(cfg) -> None:
           f'{m.num_heads} does not divide model.d_model={m.d_model}')
   require((m.d_model // m.num_heads) % 2 == 0, 'model.num_heads',
           f'head width d_model/num_heads = {m.d_model // m.num_heads} must be even (rotary)')
+  require(m.num_kv_heads >= 0 and (m.num_kv_heads == 0 or m.num_heads % m.num_kv_heads == 0),
+          'model.num_kv_heads', f'{m.num_kv_heads} does not divide model.num_heads='
+          f'{m.num_heads} (0 = as many as num_heads)')
   one_of(m.activation, ACTIVATIONS, 'model.activation')
   one_of(m.attention, ATTENTION, 'model.attention')
   one_of(m.remat, REMAT, 'model.remat')
@@ -44,6 +47,13 @@ def validate_model(cfg) -> None:
     require(m.num_layers % period == 0, 'model.scan_layers',
             f'the block pattern repeats every {period} blocks (moe.every, mod.every), which '
             f'does not divide model.num_layers={m.num_layers}')
+  one_of(m.parametrization, ('standard', 'mup'), 'model.parametrization')
+  if m.parametrization == 'mup':
+    require(0 < m.mup_base_width <= m.d_model, 'model.mup_base_width',
+            f'must be in (0, model.d_model={m.d_model}] (μP scales up from the base width), '
+            f'got {m.mup_base_width}')
+    require(m.mup_base_width % m.num_heads == 0, 'model.mup_base_width',
+            f'{m.mup_base_width} does not split into model.num_heads={m.num_heads} heads')
   one_of(m.param_dtype, DTYPES, 'model.param_dtype')
   one_of(m.compute_dtype, DTYPES, 'model.compute_dtype')
   require(m.init_std > 0, 'model.init_std', f'must be > 0, got {m.init_std}')
@@ -52,7 +62,10 @@ def validate_model(cfg) -> None:
   require(moe.every >= 0, 'moe.every', f'must be >= 0 (0 = dense model), got {moe.every}')
   one_of(moe.router, ROUTERS, 'moe.router')
   one_of(moe.dispatch, DISPATCHERS, 'moe.dispatch')
-  validate_routing(moe)
+  validate_granularity(moe, m.d_ff)
+  # The routing options as the layers see them: fine-grained experts multiply top_k.
+  from routed.model.moe import fine_grained  # pylint: disable=g-import-not-at-top
+  validate_routing(fine_grained(moe, m.d_ff))
   validate_mod(cfg)
   require(moe.capacity_factor > 0, 'moe.capacity_factor', f'must be > 0, got {moe.capacity_factor}')
   require(moe.eval_capacity_factor > 0, 'moe.eval_capacity_factor',
@@ -108,6 +121,11 @@ def validate_routing(moe) -> None:
           'with top_k=1 every combine weight would be 1 and the router would get no gradient')
   require(not moe.renormalize or moe.gate != 'relu', 'moe.renormalize',
           'ReLU gates are not normalised (moe.gate=relu)')
+  require(moe.bias_update_rate >= 0, 'moe.bias_update_rate',
+          f'must be >= 0 (0 = off), got {moe.bias_update_rate}')
+  require(moe.bias_update_rate == 0 or (tc and moe.gate in ('softmax', 'sigmoid')),
+          'moe.bias_update_rate', 'aux-loss-free balancing needs a token-choice router '
+          f'(switch, topk) with a softmax or sigmoid gate, not {moe.router} with {moe.gate}')
   require(moe.relu_l1_weight >= 0, 'moe.relu_l1_weight', f'must be >= 0, got {moe.relu_l1_weight}')
   require(0 < moe.relu_target <= moe.top_k, 'moe.relu_target',
           f'must be in (0, moe.top_k={moe.top_k}], got {moe.relu_target}')
@@ -117,11 +135,36 @@ def validate_routing(moe) -> None:
           f'must be >= 0, got {moe.num_shared_experts}')
   require(moe.expert_d_ff >= 0, 'moe.expert_d_ff',
           f'must be >= 0 (0 = model.d_ff), got {moe.expert_d_ff}')
+  one_of(moe.causal_rule, ('none', 'threshold'), 'moe.causal_rule')
+  require(moe.causal_rule == 'none' or moe.router == 'expert_choice', 'moe.causal_rule',
+          f'is an expert-choice option (moe.router=expert_choice), not for {moe.router}')
+  require(0 < moe.threshold_ema <= 1, 'moe.threshold_ema',
+          f'must be in (0, 1], got {moe.threshold_ema}')
+  require(0 <= moe.eval_max_experts <= moe.num_experts, 'moe.eval_max_experts',
+          f'must be in [0, moe.num_experts={moe.num_experts}] (0 = all), got '
+          f'{moe.eval_max_experts}')
+  require(moe.erc_loss_weight >= 0, 'moe.erc_loss_weight',
+          f'must be >= 0 (0 = off), got {moe.erc_loss_weight}')
+  require(moe.erc_loss_weight == 0 or moe.router not in ('soft', 'hash'), 'moe.erc_loss_weight',
+          f'the ERC loss couples experts to a linear router kernel, which {moe.router} has not')
+  require(0 <= moe.erc_noise < 1, 'moe.erc_noise', f'must be in [0, 1), got {moe.erc_noise}')
   require(moe.slots_per_expert >= 1, 'moe.slots_per_expert',
           f'must be >= 1, got {moe.slots_per_expert}')
   require(moe.sinkhorn_iters >= 1, 'moe.sinkhorn_iters', f'must be >= 1, got {moe.sinkhorn_iters}')
   require(moe.reinforce_weight >= 0, 'moe.reinforce_weight',
           f'must be >= 0, got {moe.reinforce_weight}')
+
+
+def validate_granularity(moe, d_ff: int) -> None:
+  """moe.granularity (fine-grained experts, routed/model/moe.py: fine_grained)."""
+  from routed.model.moe import FINE_GRAINED  # pylint: disable=g-import-not-at-top
+  m, width = moe.granularity, moe.expert_d_ff or d_ff
+  require(m >= 1, 'moe.granularity', f'must be >= 1, got {m}')
+  require(width % m == 0, 'moe.granularity',
+          f'{m} does not divide the expert width {width} (moe.expert_d_ff, or model.d_ff)')
+  require(m == 1 or moe.router in FINE_GRAINED, 'moe.granularity',
+          f'fine-grained experts need a router that takes m times the choices '
+          f'({", ".join(FINE_GRAINED)}), not {moe.router}')
 
 
 def validate_training(cfg) -> None:
@@ -164,6 +207,19 @@ def validate_training(cfg) -> None:
   require(cfg.checkpoint.every_steps >= 1, 'checkpoint.every_steps',
           f'must be >= 1, got {cfg.checkpoint.every_steps}')
   require(cfg.checkpoint.keep >= 1, 'checkpoint.keep', f'must be >= 1, got {cfg.checkpoint.keep}')
+
+
+def validate_init(cfg) -> None:
+  """init.* (routed/init_from.py); the checkpoint's contents are checked when read."""
+  init = cfg.init
+  path = init.from_checkpoint
+  require(not path or '://' in path or os.path.isdir(path), 'init.from_checkpoint',
+          f'{path} is not a directory')
+  require(not init.upcycle or path, 'init.upcycle', 'needs init.from_checkpoint (a dense run)')
+  require(not init.upcycle or cfg.moe.every > 0, 'init.upcycle',
+          'upcycles into MoE layers, but moe.every=0 is a dense model')
+  require(init.upcycle_noise >= 0, 'init.upcycle_noise', f'must be >= 0, got {init.upcycle_noise}')
+  require(init.data_offset >= 0, 'init.data_offset', f'must be >= 0, got {init.data_offset}')
 
 
 def validate_workdir(workdir: str) -> None:
@@ -227,8 +283,11 @@ def validate_mesh(cfg, num_devices: int) -> None:
             f'the {size // shards} sequences of {key}={size} on each batch shard do not form '
             f'routing groups of {n} sequences')
   expert = sizes['expert']
-  require(cfg.moe.every == 0 or cfg.moe.num_experts % expert == 0, 'moe.num_experts',
-          f'{cfg.moe.num_experts} experts do not split over mesh.expert={expert} devices')
+  experts = cfg.moe.num_experts * cfg.moe.granularity
+  fine = (f' (moe.granularity={cfg.moe.granularity} x moe.num_experts)'
+          if experts != cfg.moe.num_experts else '')
+  require(cfg.moe.every == 0 or experts % expert == 0, 'moe.num_experts',
+          f'{experts} experts{fine} do not split over mesh.expert={expert} devices')
 
 
 def validate(cfg, workdir: str | None = None) -> None:
@@ -237,6 +296,7 @@ def validate(cfg, workdir: str | None = None) -> None:
   from routed.data import DataError, check_data_config  # pylint: disable=g-import-not-at-top
   validate_model(cfg)
   validate_training(cfg)
+  validate_init(cfg)
   try:
     check_data_config(cfg.data)
   except DataError as e:

@@ -13,7 +13,8 @@ expert parallelism, against the same layer without a mesh.
 `tensor_flops`: per-device FLOPs of one MoE layer at mesh.tensor = 1 and 2.
 `scale`: as `train`, for Switch with routing groups of two sequences, two microbatches
 under the global balance scope (no router noise: its draws follow the microbatch
-layout) and the splash attention kernel (Pallas interpreter, run per device by
+layout), aux-loss-free balancing (its bias is compared too, as `routing`) and the
+splash attention kernel (Pallas interpreter, run per device by
 shard_map) on packed rows of several documents.
 """
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from routed import sharding, step
+from routed import routing_state, sharding, step
 from routed.config import base_config
 from routed.model.moe import MoELayer
 from routed.train_state import create_state
@@ -50,7 +51,8 @@ def tiny_config(router: str, mesh):
 
 def scale_config(router: str, mesh):
   cfg = tiny_config(router, mesh)
-  cfg.moe.update(group_size=2 * cfg.train.seq_len, balance_scope='global', jitter=0.0)
+  cfg.moe.update(group_size=2 * cfg.train.seq_len, balance_scope='global', jitter=0.0,
+                 bias_update_rate=0.01)
   cfg.train.update(batch_size=16, microbatches=2)
   cfg.model.attention = 'splash'
   return cfg
@@ -71,29 +73,35 @@ def train_on(router: str, mesh_sizes, make_config=tiny_config, make_batch=step.t
   optimizer = step.make_optimizer(cfg.train)
   graphdef, params, opt_state, layout = create_state(cfg, VOCAB, mesh, optimizer)
   train_step = step.make_train_step(graphdef, cfg, optimizer, layout)
+  routing = routing_state.init_state(cfg)
   rng = np.random.default_rng(0)
   history = []
   for i in range(STEPS):
     tokens = rng.integers(0, VOCAB, (cfg.train.batch_size, cfg.train.seq_len + 1), np.int32)
     with jax.set_mesh(mesh):
-      params, opt_state, metrics = train_step(
-          params, opt_state, sharding.global_batch(
+      params, opt_state, routing, metrics = train_step(
+          params, opt_state, routing, sharding.global_batch(
               dict(make_batch(tokens)), np.arange(len(tokens)), layout.batch,
               len(tokens)), i)
     history.append({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0})
-  return history, jax.tree.map(np.asarray, params)
+  return history, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, routing)
 
 
 def check_train(routers=ROUTERS, meshes=MESHES, **kwargs) -> dict:
   out = {}
   for router in routers:
-    ref_history, ref_params = train_on(router, meshes[0], **kwargs)
+    ref_history, ref_params, ref_routing = train_on(router, meshes[0], **kwargs)
+    # The biases moved (a comparison of zeros would prove nothing).
+    assert all(np.any(a != 0) for a in jax.tree.leaves(ref_routing)), ref_routing
     for mesh in meshes[1:]:
-      history, params = train_on(router, mesh, **kwargs)
+      history, params, routing = train_on(router, mesh, **kwargs)
       diffs = {name: max(abs(h[name] - r[name]) for h, r in zip(history, ref_history))
                for name in ref_history[0]}
       diffs['params'] = max(float(np.max(np.abs(a - b)))
                             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+      if ref_routing:
+        diffs['routing'] = max(float(np.max(np.abs(a - b))) for a, b in
+                               zip(jax.tree.leaves(routing), jax.tree.leaves(ref_routing)))
       out[f'{router} {mesh}'] = diffs
   return out
 

@@ -56,6 +56,34 @@ def test_implementations_equal_reference(name, segments):
     np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-5)
 
 
+def test_grouped_query_reference_equals_repeated_heads():
+  """GQA by hand: 4 query heads on 2 key/value heads = multi-head attention with each
+  key/value head repeated for its 2 query heads (heads 0, 1 read kv 0; 2, 3 read kv 1)."""
+  q = jax.random.normal(jax.random.key(3), (B, L, 4, DH))
+  k, v = qkv(4)[:2]                                      # [B, L, 2, Dh]
+  seg = packed_segments()
+  repeat = lambda a: jnp.repeat(a, 2, axis=2)
+  np.testing.assert_allclose(attention.reference(q, k, v, seg),
+                             attention.reference(q, repeat(k), repeat(v), seg), rtol=1e-6,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['dot_product', 'splash'])
+def test_grouped_query_implementations_equal_reference(name):
+  """4 query heads sharing 2 key/value heads (splash: its MQA kernel per kv head),
+  forward and gradients, over packed documents."""
+  q = jax.random.normal(jax.random.key(3), (B, L, 4, DH))
+  k, v = qkv(4)[:2]
+  seg = packed_segments()
+  fn = attention.ATTENTION[name]
+  np.testing.assert_allclose(jax.jit(fn)(q, k, v, seg), attention.reference(q, k, v, seg),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, seg)))
+  grads = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
+  for got, exp in zip(grads, jax.grad(loss(attention.reference), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('name', ['dot_product', 'auto'])
 def test_bfloat16_traces_every_platform_branch(name):
   """bfloat16 takes the cuDNN branch on GPU; tracing it here (no cuDNN) must fall back

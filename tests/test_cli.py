@@ -45,6 +45,13 @@ def test_variants_differ():
     (['--config.data.data_dir=/nonexistent/routed-data'], '/nonexistent/routed-data'),
     (['--config.data.task=nope'], 'data.task'),
     (['--bogus=1'], '--bogus'),
+    # Issue 15's recipes: each bad value names its key.
+    (['--config.moe.granularity=3'], 'moe.granularity'),        # 3 does not divide 512
+    (['--config.moe.granularity=2'], 'moe.granularity'),        # switch: fixed top-1
+    (['--config.model.num_kv_heads=3'], 'model.num_kv_heads'),  # 3 does not divide 4 heads
+    (['--config.moe.bias_update_rate=-0.001'], 'moe.bias_update_rate'),
+    (['--config.moe.bias_update_rate=0.001', '--config.moe.router=soft'],
+     'moe.bias_update_rate'),
 ])
 def test_config_errors_are_one_line(args, needle, tmp_path, capsys):
   argv = [f'--config={SWITCH}:tiny', f'--workdir={tmp_path / "run"}'] + args

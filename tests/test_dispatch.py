@@ -36,6 +36,8 @@ ROUTER_CASES = {
     'sbase': ('sbase', {}),
     'hash': ('hash', {}),
     'reinforce': ('reinforce', {}),
+    # SwiGLU experts (wi [E, D, 2F], gate and linear columns interleaved).
+    'topk_swiglu': ('topk', dict(top_k=2, renormalize=True)),
 }
 
 
@@ -51,7 +53,8 @@ def layer_parts(case, capacity_factor):
   router, overrides = ROUTER_CASES[case]
   rngs = nnx.Rngs(0)
   r = ROUTERS[router].from_config(moe_cfg(router, capacity_factor, **overrides), D, rngs)
-  experts = Experts(E, D, F, activation='gelu', init_std=0.3, dtype=jnp.float32,
+  activation = 'swiglu' if case.endswith('swiglu') else 'gelu'
+  experts = Experts(E, D, F, activation=activation, init_std=0.3, dtype=jnp.float32,
                     param_dtype=jnp.float32, rngs=rngs)
   return nnx.split((r, experts))
 

@@ -159,7 +159,7 @@ def test_reinforce_loss_trains_the_router_kernel_only():
 def test_eval_metrics_leave_out_the_reinforce_loss(compiled):
   m = compiled('reinforce')
   tokens = step.token_batch(np.random.default_rng(1).integers(0, VOCAB, (4, SEQ + 1)))
-  metrics = step.make_eval_step(m.graphdef, m.cfg)(m.params, tokens)
+  metrics = step.make_eval_step(m.graphdef, m.cfg)(m.params, {}, tokens)
   assert 'reinforce_loss' not in metrics and 'balance_loss' in metrics
 
 

@@ -54,7 +54,7 @@ def test_greedy_continuation_is_the_argmax_of_a_full_forward_pass(mode_run, mini
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from routed import sample  # pylint: disable=g-import-not-at-top
   cfg = sample.load_run_config(mode_run)
-  graphdef, params, _ = sample.load_params(cfg, mode_run, mini_data_cfg.vocab_size)
+  graphdef, params, _, _ = sample.load_params(cfg, mode_run, mini_data_cfg.vocab_size)
   prompt = [5, 9, 13]
   new, _ = sample.generate(graphdef, params, prompt, window=cfg.train.seq_len,
                            max_new_tokens=4, temperature=0.0, seed=0)

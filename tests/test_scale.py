@@ -251,7 +251,7 @@ def test_scanned_state_saves_and_restores_with_orbax(tmp_path):
     ckpt.save(3, params, opt_state, {})
     ckpt.wait()
     zeros = jax.tree.map(jnp.zeros_like, (params, opt_state))
-    got_params, got_opt, meta = ckpt.restore(3, *zeros)
+    got_params, got_opt, meta, _ = ckpt.restore(3, *zeros)
   finally:
     ckpt.close()
   assert meta['step'] == 3

@@ -43,9 +43,10 @@ def test_training_on_meshes_equals_one_device():
 
 @pytest.mark.slow
 def test_groups_microbatches_and_splash_on_meshes_equal_one_device():
-  """Switch with two-sequence routing groups, two microbatches (global balance scope)
-  and the splash kernel over packed documents: 3 train steps on 2 meshes (tensor=2
-  splits the heads) = one device."""
+  """Switch with two-sequence routing groups, two microbatches (global balance scope),
+  aux-loss-free balancing and the splash kernel over packed documents: 3 train steps
+  on 2 meshes (tensor=2 splits the heads) = one device, expert biases included (their
+  update counts the choices of every data shard and microbatch)."""
   result = run_mesh_check('scale')
   assert len(result) == 2
   for case, diffs in result.items():

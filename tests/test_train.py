@@ -97,7 +97,7 @@ def test_checkpoint_round_trip(tmp_path):
   ckpt = Checkpointer(str(tmp_path), keep=1, async_save=True)
   ckpt.save(7, params, opt_state, {'seed': 3})
   ckpt.wait()
-  p, o, meta = ckpt.restore(7, params, opt_state)
+  p, o, meta, _ = ckpt.restore(7, params, opt_state)
   ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, p, params)
   jax.tree.map(np.testing.assert_array_equal, o, opt_state)

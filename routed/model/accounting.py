@@ -2,7 +2,10 @@
 
 Model FLOPs follow the PaLM convention: a training step costs 6 FLOPs per active
 matmul parameter per token (forward 2, backward 4) plus 12 * layers * D * L per
-token for attention scores and values. "Active" counts what one token uses: the
+token for attention scores and values (grouped-query attention shares keys and values,
+not the scores: the same 12 * D * L). A gated MLP (swiglu) has three matrices per
+hidden unit, the others two; fine-grained experts (moe.granularity) are counted as the
+m * E experts of width F / m they are. "Active" counts what one token uses: the
 router, the shared experts and the expert MLPs it is run through on average (each
 router declares that, `RouterBase.cost`: top_k for token choice, E * C / S for
 expert choice, E * P / S for Soft MoE), not all E. Capacity padding, dropped tokens
@@ -16,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from routed.model.layers import GATED
 from routed.model.mod import buffer_size, mod_blocks
-from routed.model.moe import ROUTERS, group_sequences
+from routed.model.moe import ROUTERS, fine_grained, group_sequences
 from routed.model.transformer import moe_blocks
 
 
@@ -38,9 +42,13 @@ class ModelSize:
 
 
 def model_size(cfg, vocab_size: int) -> ModelSize:
-  m, moe = cfg.model, cfg.moe
+  m = cfg.model
+  moe = fine_grained(cfg.moe, m.d_ff)  # the experts the MoE layers really have
   d, f, L = m.d_model, m.d_ff, cfg.train.seq_len
-  attn = 4 * d * d
+  # Queries and output [D, D]; keys and values [D, Hkv * Dh] each (grouped-query).
+  kv_width = (m.num_kv_heads or m.num_heads) * (d // m.num_heads)
+  attn = 2 * d * d + 2 * d * kv_width
+  mlp = (3 if m.activation in GATED else 2) * d   # matmul parameters per hidden unit
   norms = 2 * d
   total = active = 0
   matmul = 0.0
@@ -49,16 +57,16 @@ def model_size(cfg, vocab_size: int) -> ModelSize:
   for is_moe, is_mod in zip(moe_blocks(cfg), mod_blocks(cfg)):
     if is_moe:
       cost = ROUTERS[moe.router].cost(moe, d, L * group_sequences(cfg))
-      expert = 2 * d * (moe.expert_d_ff or f)
+      expert = mlp * moe.expert_d_ff
       shared = moe.num_shared_experts * expert
       fixed = attn + norms + cost.params + shared
       total += fixed + moe.num_experts * expert
       active += fixed + round(min(cost.expert_rows, moe.num_experts) * expert)
       block = attn + cost.matmul_params + shared + cost.expert_rows * expert
     else:
-      total += attn + norms + 2 * d * f
-      active += attn + norms + 2 * d * f
-      block = attn + 2 * d * f
+      total += attn + norms + mlp * f
+      active += attn + norms + mlp * f
+      block = attn + mlp * f
     matmul += block
     # Mixture-of-Depths: a share c of the tokens runs the block, attending among
     # c * L tokens; every token pays the router (and the causal-rule predictor).

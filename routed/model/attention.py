@@ -3,8 +3,9 @@
 Shape letters as in layers.py: B batch, L tokens (queries and keys alike: this is
 self-attention), H heads, Dh head width.
 
-Every implementation computes the same function of q, k, v [B, L, H, Dh] (rotary
-positions already applied) and segment_ids int [B, L]:
+Every implementation computes the same function of q [B, L, H, Dh], k, v [B, L, Hkv,
+Dh] (rotary positions already applied; Hkv divides H: grouped-query attention, query
+head h reading key/value head h // (H / Hkv)) and segment_ids int [B, L]:
 
   query i attends to key j  iff  j <= i  and  segment_ids[j] == segment_ids[i]
 
@@ -54,11 +55,14 @@ def _mask(segment_ids, length: int):
 
 
 def reference(q, k, v, segment_ids=None):
-  """The oracle: q, k, v [B, L, H, Dh] -> [B, L, H, Dh]."""
-  scores = jnp.einsum('bqhk,bshk->bhqs', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-  scores = jnp.where(_mask(segment_ids, q.shape[1]), scores, jnp.finfo(jnp.float32).min)
+  """The oracle: q [B, L, H, Dh], k, v [B, L, Hkv, Dh] -> [B, L, H, Dh]."""
+  b, l, h, dh = q.shape
+  groups = h // k.shape[2]
+  qg = q.reshape(b, l, k.shape[2], groups, dh)       # query head h = kv head * groups + g
+  scores = jnp.einsum('bqngk,bsnk->bngqs', qg, k).astype(jnp.float32) / math.sqrt(dh)
+  scores = jnp.where(_mask(segment_ids, l)[:, :, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqs,bshk->bqhk', probs, v)
+  return jnp.einsum('bngqs,bsnk->bqngk', probs, v).reshape(b, l, h, dh)
 
 
 def dot_product(q, k, v, segment_ids=None, *, implementation: str | None = 'xla'):
@@ -80,22 +84,24 @@ def _cudnn_or_xla(q, k, v, segment_ids=None):
   return dot_product(q, k, v, segment_ids, implementation='xla')
 
 
-def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
+def _splash_kernel(heads: int, length: int, block: int, interpret: bool, shared_kv: bool):
   # Built per trace, not cached: the kernel holds arrays made inside the trace. Its mask
   # preprocessing is cached by splash itself. Imported here: only splash needs it.
+  # shared_kv: the MQA kernel, `heads` query heads reading one key/value head.
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as kernel, splash_attention_mask as masks)
   mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(heads)])
   sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
-  run = kernel.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                               interpret=interpret)
+  make = kernel.make_splash_mqa if shared_kv else kernel.make_splash_mha
+  run = make(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
   return run, kernel.SegmentIds
 
 
 def _splash_local(q, k, v, segment_ids, *, interpret: bool):
   b, l, h, dh = q.shape
+  kv_heads = k.shape[2]
   block = min(SPLASH_BLOCK, -(-l // _LANES) * _LANES)
   padded = -(-l // block) * block
   if segment_ids is None:
@@ -105,10 +111,20 @@ def _splash_local(q, k, v, segment_ids, *, interpret: bool):
                                  constant_values=value)
   seg = pad(segment_ids.astype(jnp.int32), -1)
   heads_first = lambda a: jnp.transpose(pad(a, 0), (0, 2, 1, 3))        # [B, H, Lp, Dh]
-  run, segments = _splash_kernel(h, padded, block, interpret)
   scale = jnp.asarray(1 / math.sqrt(dh), q.dtype)  # splash does not scale the scores
-  out = jax.vmap(lambda q1, k1, v1, s1: run(q1, k1, v1, segment_ids=segments(q=s1, kv=s1)))(
-      heads_first(q * scale), heads_first(k), heads_first(v), seg)
+  q, k, v = heads_first(q * scale), heads_first(k), heads_first(v)
+  if kv_heads == h:
+    run, segments = _splash_kernel(h, padded, block, interpret, shared_kv=False)
+    out = jax.vmap(lambda q1, k1, v1, s1: run(q1, k1, v1, segment_ids=segments(q=s1, kv=s1)))(
+        q, k, v, seg)
+  else:
+    # Grouped-query: the MQA kernel per key/value head, on that head's group of queries.
+    groups = h // kv_heads
+    run, segments = _splash_kernel(groups, padded, block, interpret, shared_kv=True)
+    per_head = lambda s1: jax.vmap(lambda q1, k1, v1: run(
+        q1, k1, v1, segment_ids=segments(q=s1, kv=s1)))
+    out = jax.vmap(lambda q1, k1, v1, s1: per_head(s1)(q1, k1, v1))(
+        q.reshape(b, kv_heads, groups, padded, dh), k, v, seg).reshape(b, h, padded, dh)
   return jnp.transpose(out, (0, 2, 1, 3))[:, :l]
 
 
@@ -120,7 +136,10 @@ def splash(q, k, v, segment_ids=None, *, interpret: bool = False):
     return local(q, k, v, segment_ids)
   batch = tuple(a for a in RULES['batch'] if a in mesh.axis_names)
   tensor = RULES['heads']
-  heads = tensor if tensor in mesh.axis_names and q.shape[2] % mesh.shape[tensor] == 0 else None
+  # Heads split over `tensor` only when the key/value heads split too (each device
+  # then holds whole groups of query heads with their shared key/value head).
+  heads = (tensor if tensor in mesh.axis_names and k.shape[2] % mesh.shape[tensor] == 0
+           else None)
   spec = P(batch, None, heads, None)
   # check_vma=False: the kernel's pallas_call does not declare how its output varies
   # over the mesh; every device's output is its own slice, as out_specs says.

@@ -51,9 +51,9 @@ class HashRouter(RouterBase):
     return cls(moe_cfg.num_experts, capacity_factor=moe_cfg.capacity_factor,
                eval_capacity_factor=moe_cfg.eval_capacity_factor)
 
-  def __call__(self, x, *, train: bool, rng=None, token_ids=None, balance_counts=None):
+  def __call__(self, x, *, train: bool, rng=None, token_ids=None, layer_state=None):
     """token_ids int [G, S] -> (Routing, losses, metrics); x is only used for its shape."""
-    del rng, balance_counts  # fixed routing: no balance loss
+    del rng, layer_state  # fixed routing: no balance loss
     s = x.shape[1]
     e = self.num_experts
     cf = self.capacity_factor if train else self.eval_capacity_factor

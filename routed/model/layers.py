@@ -18,7 +18,28 @@ from flax import nnx
 
 from routed.model.attention import ATTENTION
 
-ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'silu': jax.nn.silu}
+
+
+def swiglu(h):
+  """SwiGLU (Shazeer 2020) of h = x @ wi [..., 2F] -> [..., F]: silu(x W_gate) * (x W_up).
+
+  wi holds W_gate and W_up interleaved along its last axis (column 2j is hidden unit
+  j's gate, column 2j + 1 its linear input), so any contiguous split of that axis (the
+  mesh's tensor axis) keeps each unit's pair together, and every dispatch backend,
+  which applies the activation to x @ wi, runs SwiGLU unchanged.
+  """
+  return jax.nn.silu(h[..., 0::2]) * h[..., 1::2]
+
+
+# model.activation -> fn(x @ wi) -> hidden activations. The gated ones (GATED) read
+# two columns of wi per hidden unit: wi is [..., D, 2F] for them, [..., D, F] otherwise.
+ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'silu': jax.nn.silu, 'swiglu': swiglu}
+GATED = ('swiglu',)
+
+
+def wi_width(activation: str, d_ff: int) -> int:
+  """Columns of the input matrix wi for hidden width d_ff: 2F for gated activations."""
+  return 2 * d_ff if activation in GATED else d_ff
 
 
 def normal_param(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
@@ -60,33 +81,52 @@ def rotate(x, positions, base: float):
 class Attention(nnx.Module):
   """Causal multi-head self-attention with rotary positions, within documents.
 
-  `implementation` is model.attention (routed/model/attention.py: the reference
-  einsum and the kernels tested against it).
+  num_kv_heads Hkv < H: grouped-query attention (Ainslie et al. 2023; MQA at 1): the
+  H query heads form Hkv groups of H / Hkv consecutive heads, each sharing one key and
+  value head. Parameters: qkv [D, 3, H, Dh] when Hkv = H; otherwise q [D, H, Dh] and
+  kv [D, 2, Hkv, Dh]. `implementation` is model.attention (routed/model/attention.py:
+  the reference einsum and the kernels tested against it).
   """
 
   def __init__(self, d_model: int, num_heads: int, *, rope_base: float, init_std: float,
-               dtype, param_dtype, rngs: nnx.Rngs, implementation: str = 'auto'):
+               dtype, param_dtype, rngs: nnx.Rngs, implementation: str = 'auto',
+               num_kv_heads: int = 0, query_scale: float = 1.0):
     self.num_heads = num_heads
+    self.query_scale = query_scale   # μP's score scale (routed/model/mup.py); 1 otherwise
+    self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = d_model // num_heads
     self.rope_base = rope_base
     self.dtype = dtype
     self.attend = ATTENTION[implementation]
-    self.qkv = normal_param(rngs, (d_model, 3, num_heads, self.head_dim), init_std, param_dtype)
+    if self.num_kv_heads == num_heads:
+      self.qkv = normal_param(rngs, (d_model, 3, num_heads, self.head_dim), init_std,
+                              param_dtype)
+    else:
+      self.q = normal_param(rngs, (d_model, num_heads, self.head_dim), init_std, param_dtype)
+      self.kv = normal_param(rngs, (d_model, 2, self.num_kv_heads, self.head_dim), init_std,
+                             param_dtype)
     self.out = normal_param(rngs, (num_heads, self.head_dim, d_model), init_std, param_dtype)
 
   def __call__(self, x, positions, segment_ids=None):
     """x [B, L, D] in sequence order; positions int [B, L] (rotary); segment_ids int
     [B, L] (a token attends only within its document) or None -> [B, L, D]."""
     x = x.astype(self.dtype)
-    q, k, v = jnp.unstack(jnp.einsum('bld,dthk->tblhk', x, self.qkv[...].astype(self.dtype)))
+    if self.num_kv_heads == self.num_heads:
+      q, k, v = jnp.unstack(jnp.einsum('bld,dthk->tblhk', x, self.qkv[...].astype(self.dtype)))
+    else:
+      q = jnp.einsum('bld,dhk->blhk', x, self.q[...].astype(self.dtype))
+      k, v = jnp.unstack(jnp.einsum('bld,dthk->tblhk', x, self.kv[...].astype(self.dtype)))
     q = rotate(q, positions, self.rope_base)
+    if self.query_scale != 1.0:
+      q = q * jnp.asarray(self.query_scale, q.dtype)
     k = rotate(k, positions, self.rope_base)
     ctx = self.attend(q, k, v, segment_ids)
     return jnp.einsum('bqhk,hkd->bqd', ctx, self.out[...].astype(self.dtype))
 
 
 class MLP(nnx.Module):
-  """The dense feed-forward layer: act(x W_in) W_out.
+  """The dense feed-forward layer: act(x W_in) W_out; wi [D, F], or [D, 2F] for a gated
+  activation (swiglu), wo [F, D].
 
   Returns (y, aux) with an empty aux dict so that it is interchangeable with MoELayer.
   """
@@ -95,11 +135,11 @@ class MLP(nnx.Module):
                dtype, param_dtype, rngs: nnx.Rngs):
     self.act = ACTIVATIONS[activation]
     self.dtype = dtype
-    self.wi = normal_param(rngs, (d_model, d_ff), init_std, param_dtype)
+    self.wi = normal_param(rngs, (d_model, wi_width(activation, d_ff)), init_std, param_dtype)
     self.wo = normal_param(rngs, (d_ff, d_model), init_std, param_dtype)
 
   def __call__(self, x, *, train: bool = False, rng=None, token_ids=None,
-               balance_counts=None):  # [B, L, D]
-    del train, rng, token_ids, balance_counts  # dense: nothing to route
+               layer_state=None):  # [B, L, D]
+    del train, rng, token_ids, layer_state  # dense: nothing to route
     h = self.act(x.astype(self.dtype) @ self.wi[...].astype(self.dtype))
     return h @ self.wo[...].astype(self.dtype), {}

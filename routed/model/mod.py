@@ -108,7 +108,7 @@ class MoDBlock(nnx.Module):
     return logits, rule, member, idx, valid
 
   def __call__(self, x, positions, segment_ids=None, *, train: bool, rng=None, token_ids=None,
-               balance_counts=None):
+               layer_state=None):
     b, l, _ = x.shape
     logits, rule, member, idx, valid = self.route(x, train=train)
     safe = jnp.where(valid, idx, 0)
@@ -119,7 +119,7 @@ class MoDBlock(nnx.Module):
     ids = None if token_ids is None else gather(token_ids)
     segs = None if segment_ids is None else gather(segment_ids)
     ys, aux = self.block(xs, gather(positions), segs, train=train, rng=rng, token_ids=ids,
-                         balance_counts=balance_counts)
+                         layer_state=layer_state)
     weight = jax.nn.sigmoid(gather(logits)) * valid                          # [B, K]
     delta = (ys - xs) * weight[..., None].astype(ys.dtype)
     scatter = jax.vmap(lambda d, i: jnp.zeros((l,) + d.shape[1:], d.dtype).at[i].add(

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import copy
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from routed.model import dispatch as dispatch_lib
+from routed.model.erc import erc_loss
 from routed.model.expert_choice import ExpertChoiceRouter
 from routed.model.expert_parallel import dispatch_on_mesh
 from routed.model.hash_router import HashRouter
-from routed.model.layers import ACTIVATIONS, MLP, normal_param
+from routed.model.layers import ACTIVATIONS, MLP, normal_param, wi_width
 from routed.model.reinforce import ReinforceRouter
 from routed.model.routers import SwitchRouter, TokenChoiceRouter
 from routed.model.sbase import SBaseRouter
@@ -31,7 +33,7 @@ from routed.model.soft_moe import SoftRouter
 
 # moe.router -> router class. Each has from_config(moe_cfg, d_model, rngs), is called
 # as router(x, train=, rng=, token_ids=) -> (decision, losses, metrics), and declares
-# is_causal(train) and describe(moe_cfg, train).
+# is_causal(train, moe_cfg) and describe(moe_cfg, train).
 ROUTERS = {
     'switch': SwitchRouter,
     'topk': TokenChoiceRouter,
@@ -41,6 +43,34 @@ ROUTERS = {
     'hash': HashRouter,
     'reinforce': ReinforceRouter,
 }
+
+
+# The routers whose expert count and choices fine-grained experts rescale (moe.granularity).
+FINE_GRAINED = ('topk', 'expert_choice')
+
+
+def fine_grained(moe_cfg, d_ff: int):
+  """moe_cfg as an MoE layer is built from it: moe.granularity = m folded in.
+
+  Fine-grained experts (DeepSeekMoE): each of the E experts of width F (moe.expert_d_ff,
+  or d_ff) becomes m experts of width F / m, and a token makes m times as many choices
+  (top_k * m; expert choice: the capacity factors * m, which are experts per token),
+  so total and active expert parameters and FLOPs stay what they were, while the
+  number of expert combinations a token can pick grows. Shared experts
+  (moe.num_shared_experts) are counted at the fine width F / m. The result has
+  granularity 1 and expert_d_ff set; the config itself is never changed.
+  """
+  m = moe_cfg.granularity
+  resolved = copy.deepcopy(moe_cfg)
+  resolved.expert_d_ff = (moe_cfg.expert_d_ff or d_ff) // m
+  if m > 1:
+    resolved.granularity = 1
+    resolved.num_experts = moe_cfg.num_experts * m
+    resolved.top_k = moe_cfg.top_k * m
+    if moe_cfg.router == 'expert_choice':
+      resolved.capacity_factor = moe_cfg.capacity_factor * m
+      resolved.eval_capacity_factor = moe_cfg.eval_capacity_factor * m
+  return resolved
 
 
 def group_sequences(cfg) -> int:
@@ -64,7 +94,7 @@ def from_groups(a, n: int):
 
 def is_causal(cfg, train: bool) -> bool:
   """Whether the model's output at position t depends only on tokens <= t."""
-  return cfg.moe.every == 0 or ROUTERS[cfg.moe.router].is_causal(train)
+  return cfg.moe.every == 0 or ROUTERS[cfg.moe.router].is_causal(train, cfg.moe)
 
 
 def routing_mode(cfg, train: bool) -> str:
@@ -78,14 +108,18 @@ def routing_mode(cfg, train: bool) -> str:
 
 
 class Experts(nnx.Module):
-  """E independent MLPs, applied to per-expert buffers: [E, ..., D] -> [E, ..., D]."""
+  """E independent MLPs, applied to per-expert buffers: [E, ..., D] -> [E, ..., D].
+
+  wi [E, D, F] ([E, D, 2F] for a gated activation: layers.swiglu), wo [E, F, D].
+  """
 
   def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str,
                init_std: float, dtype, param_dtype, rngs: nnx.Rngs):
     self.num_experts = num_experts
     self.act = ACTIVATIONS[activation]
     self.dtype = dtype
-    self.wi = normal_param(rngs, (num_experts, d_model, d_ff), init_std, param_dtype)
+    self.wi = normal_param(rngs, (num_experts, d_model, wi_width(activation, d_ff)), init_std,
+                           param_dtype)
     self.wo = normal_param(rngs, (num_experts, d_ff, d_model), init_std, param_dtype)
 
   def __call__(self, buffers):
@@ -104,17 +138,19 @@ class MoELayer(nnx.Module):
   never depends on later positions.
   y = routed experts' output + shared experts' output; moe.num_shared_experts
   always-on experts (DeepSeekMoE) are one dense MLP of width num_shared * F, which
-  equals their sum. aux = {'losses': {name: value}, 'metrics': {name: array}}.
+  equals their sum. With moe.erc_loss_weight > 0, training adds the expert-router
+  coupling loss 'erc' (routed/model/erc.py).
+  aux = {'losses': {name: value}, 'metrics': {name: array}}.
   """
 
   def __init__(self, moe_cfg, *, d_model: int, d_ff: int, activation: str, init_std: float,
                dtype, param_dtype, rngs: nnx.Rngs, group_sequences: int = 1,
                microbatches: int = 1):
-    expert_d_ff = moe_cfg.expert_d_ff or d_ff
+    moe_cfg = fine_grained(moe_cfg, d_ff)
+    expert_d_ff = moe_cfg.expert_d_ff
     if microbatches > 1:
       # moe.balance_shards slices the step's batch; a microbatch holds its share of
       # them, and is at least one slice of its own.
-      moe_cfg = copy.deepcopy(moe_cfg)
       moe_cfg.balance_shards = max(1, moe_cfg.balance_shards // microbatches)
     self.router = ROUTERS[moe_cfg.router].from_config(moe_cfg, d_model, rngs)
     self.experts = Experts(moe_cfg.num_experts, d_model, expert_d_ff, activation=activation,
@@ -122,16 +158,17 @@ class MoELayer(nnx.Module):
     self.shared = MLP(d_model, moe_cfg.num_shared_experts * expert_d_ff,
                       activation=activation, init_std=init_std, dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs) if moe_cfg.num_shared_experts else None
+    self.erc_noise = moe_cfg.erc_noise if moe_cfg.erc_loss_weight > 0 else None
     self.dispatch = dispatch_lib.DISPATCHERS[moe_cfg.dispatch]
     self.dropless = moe_cfg.dispatch in dispatch_lib.DROPLESS
     self.group_sequences = group_sequences
 
-  def __call__(self, x, *, train: bool, rng=None, token_ids=None, balance_counts=None):
+  def __call__(self, x, *, train: bool, rng=None, token_ids=None, layer_state=None):
     n = self.group_sequences
     xg = to_groups(x, n)                                                  # [G, S, D]
     ids = None if token_ids is None else to_groups(token_ids, n)
     decision, losses, metrics = self.router(xg, train=train, rng=rng, token_ids=ids,
-                                            balance_counts=balance_counts)
+                                            layer_state=layer_state)
     # Per device under a mesh, exchanging tokens with the experts' devices.
     y = dispatch_on_mesh(self.dispatch, xg.astype(self.experts.dtype), decision, self.experts,
                          dropless=self.dropless)
@@ -140,4 +177,10 @@ class MoELayer(nnx.Module):
       y = y + self.shared(x)[0]
     # Per-token loss entries ([G, S]: REINFORCE's log-probabilities) back to [B, L].
     losses = {k: from_groups(v, n) if v.ndim == 2 else v for k, v in losses.items()}
+    if train and self.erc_noise is not None:
+      # The expert-router coupling loss (routed/model/erc.py): E^2 proxy activations.
+      losses['erc'], metrics['erc_coupled'] = erc_loss(
+          self.router.kernel[...], self.experts.wi[...].astype(self.experts.dtype),
+          self.experts.act, noise=self.erc_noise,
+          rng=None if rng is None else jax.random.fold_in(rng, 0x3c))
     return y, {'losses': losses, 'metrics': metrics}

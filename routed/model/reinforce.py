@@ -59,16 +59,16 @@ class ReinforceRouter(Router):
     how = 'expert sampled from' if train else 'argmax of'
     return f'top-1 {how} the REINFORCE-trained router policy, capacity factor {cf:g}'
 
-  def __call__(self, x, *, train: bool, rng=None, token_ids=None, balance_counts=None):
+  def __call__(self, x, *, train: bool, rng=None, token_ids=None, layer_state=None):
     del token_ids
     x, route_rng = self.inputs(x, train, rng)
     # The policy gradient is noisy (one sampled reward per token): it trains the router
     # kernel only. Through x it would also push every earlier layer of the model.
     policy_logits = jax.lax.stop_gradient(x) @ self.kernel[...]
     return self.route(x @ self.kernel[...], train, rng=route_rng, policy_logits=policy_logits,
-                      balance_counts=balance_counts)
+                      layer_state=layer_state)
 
-  def route(self, logits, train: bool, rng=None, policy_logits=None, balance_counts=None):
+  def route(self, logits, train: bool, rng=None, policy_logits=None, layer_state=None):
     """policy_logits: the logits the REINFORCE log-probability is taken from (default
     `logits`; the same values, with gradients to the router kernel only)."""
     policy_logits = logits if policy_logits is None else policy_logits
@@ -86,6 +86,6 @@ class ReinforceRouter(Router):
     routing, real, kept = self.place(expert, gate, active,
                                      self.capacity(logits.shape[1], train))
     balance, metrics = self.choice_stats(jnp.exp(log_probs), expert, active, real, kept,
-                                         balance_counts)
+                                         layer_state)
     losses = {'balance': balance, 'z': router_z_loss(logits), 'reinforce': log_prob}
     return routing, losses, metrics

@@ -183,9 +183,10 @@ class RouterBase(nnx.Module):
     return RouterCost(params=scored, matmul_params=scored, expert_rows=moe_cfg.top_k)
 
   @classmethod
-  def is_causal(cls, train: bool) -> bool:
-    """Whether a token's routing depends only on itself and earlier tokens."""
-    del train
+  def is_causal(cls, train: bool, moe_cfg=None) -> bool:
+    """Whether a token's routing depends only on itself and earlier tokens (under
+    moe_cfg, for routers whose options change that)."""
+    del train, moe_cfg
     return cls.causal
 
   @classmethod
@@ -230,13 +231,15 @@ class Router(RouterBase):
                 init_scale=moe_cfg.router_init_scale, jitter=moe_cfg.jitter,
                 balance_scope=moe_cfg.balance_scope, balance_shards=moe_cfg.balance_shards)
 
-  def __call__(self, x, *, train: bool, rng=None, token_ids=None, balance_counts=None):
+  def __call__(self, x, *, train: bool, rng=None, token_ids=None, layer_state=None):
     """x [G, S, D] -> (decision, losses, metrics). Training needs rng when jitter > 0
-    or the router samples. balance_counts [N]: the step's expert counts for the
-    `global` balance scope under microbatches (balance_loss)."""
+    or the router samples. layer_state: this layer's step-level inputs, a dict with
+    any of 'counts' [N] (the step's expert counts, for the `global` balance scope under
+    microbatches: balance_loss) and the routing state of routed/routing_state.py
+    ('bias' [N], 'threshold' [E])."""
     del token_ids  # learned routers look at the tokens' representations only
     x, route_rng = self.inputs(x, train, rng)
-    return self.route(x @ self.kernel[...], train, rng=route_rng, balance_counts=balance_counts)
+    return self.route(x @ self.kernel[...], train, rng=route_rng, layer_state=layer_state)
 
   def inputs(self, x, train: bool, rng):
     """x [G, S, D] -> (float32 router inputs [G, S, D], jittered in training; rng for route)."""
@@ -272,18 +275,20 @@ class Router(RouterBase):
                       dropless_weight=jnp.where(real, weight, 0.0).astype(jnp.float32))
     return routing, real, kept
 
-  def choice_stats(self, probs, expert, active, real, kept, balance_counts=None):
+  def choice_stats(self, probs, expert, active, real, kept, layer_state=None):
     """Balance loss and the common metrics of placed choices (see module docstring)."""
     n = self.num_experts + self.num_null_experts
     counts = jnp.sum(jax.nn.one_hot(expert, n, dtype=jnp.float32) * active[..., None], axis=2)
     balance, load = balance_loss(probs, counts, num_shards=self.balance_shards,
-                                 scope=self.balance_scope, global_counts=balance_counts)
+                                 scope=self.balance_scope,
+                                 global_counts=(layer_state or {}).get('counts'))
     num_real = jnp.sum(real.astype(jnp.float32))
     metrics = {'expert_load': load[:self.num_experts],
                'dropped': 1.0 - jnp.sum(kept.astype(jnp.float32)) / jnp.maximum(num_real, 1.0),
                'entropy': entropy(probs),
                # Active choices per expert (null ones included) over the batch: what
-               # the `global` scope sums over a step's microbatches.
+               # the `global` scope and the aux-loss-free bias sum over a step's
+               # microbatches, and the step's load_max / load_min (routed/step.py).
                'choices': jnp.sum(counts, axis=(0, 1))}
     if self.num_null_experts:
       metrics['null'] = jnp.sum(load[self.num_experts:])
@@ -332,6 +337,10 @@ class TokenChoiceRouter(Router):
   C = ceil(cf * S * top_k / (E + nulls)); later ones are dropped (residual only).
   Causal in training and evaluation.
 
+  With a selection bias b [N] in layer_state (aux-loss-free balancing, moe.
+  bias_update_rate > 0; softmax and sigmoid gates), the k experts of highest gate + b
+  are chosen and each choice still weighs its gate value.
+
   Combine weights per token: non-negative; softmax/sigmoid sum to <= 1, exactly 1
   with renormalize when nothing is dropped or null; relu gates are unnormalised.
   Extra metrics: experts_per_token (active real choices per token, before capacity),
@@ -371,10 +380,17 @@ class TokenChoiceRouter(Router):
     cf = moe_cfg.capacity_factor if train else moe_cfg.eval_capacity_factor
     return ', '.join(options) + f', capacity factor {cf:g}'
 
-  def route(self, logits, train: bool, rng=None, balance_counts=None):
+  def route(self, logits, train: bool, rng=None, layer_state=None):
     del rng  # deterministic
     gates, probs = GATES[self.gate](logits)                        # [G, S, N] each
-    values, expert = jax.lax.top_k(gates, self.top_k)              # [G, S, K], descending
+    bias = (layer_state or {}).get('bias')
+    if bias is None:
+      values, expert = jax.lax.top_k(gates, self.top_k)            # [G, S, K], descending
+    else:
+      # Auxiliary-loss-free balancing (DeepSeek-V3): the bias [N] shifts which experts
+      # are chosen, never the weight a choice gets (routed/routing_state.py).
+      _, expert = jax.lax.top_k(gates + jax.lax.stop_gradient(bias), self.top_k)
+      values = jnp.take_along_axis(gates, expert, axis=-1)
     active = jnp.ones(values.shape, bool)
     if self.top_p > 0:
       chosen = jnp.take_along_axis(probs, expert, axis=-1)
@@ -385,7 +401,7 @@ class TokenChoiceRouter(Router):
     if self.renormalize:
       weight = weight / jnp.maximum(jnp.sum(weight, axis=-1, keepdims=True), 1e-9)
     routing, real, kept = self.place(expert, weight, active, self.capacity(logits.shape[1], train))
-    balance, metrics = self.choice_stats(probs, expert, active, real, kept, balance_counts)
+    balance, metrics = self.choice_stats(probs, expert, active, real, kept, layer_state)
     metrics['experts_per_token'] = jnp.mean(jnp.sum(real.astype(jnp.float32), axis=-1))
     losses = {'balance': balance, 'z': router_z_loss(logits)}
     if self.gate == 'relu':

@@ -58,7 +58,8 @@ class SBaseRouter(Router):
     return dict(super().config_kwargs(moe_cfg), sinkhorn_iters=moe_cfg.sinkhorn_iters)
 
   @classmethod
-  def is_causal(cls, train: bool) -> bool:
+  def is_causal(cls, train: bool, moe_cfg=None) -> bool:
+    del moe_cfg
     return not train
 
   @classmethod
@@ -68,7 +69,7 @@ class SBaseRouter(Router):
               f'iterations), capacity factor {moe_cfg.capacity_factor:g}')
     return f'top-1 token choice, capacity factor {moe_cfg.eval_capacity_factor:g}'
 
-  def route(self, logits, train: bool, rng=None, balance_counts=None):
+  def route(self, logits, train: bool, rng=None, layer_state=None):
     del rng  # deterministic
     probs = jax.nn.softmax(logits, axis=-1)                          # [G, S, E]
     scores = sinkhorn_log(jax.lax.stop_gradient(logits), self.sinkhorn_iters) if train else logits
@@ -76,5 +77,5 @@ class SBaseRouter(Router):
     gate = jnp.take_along_axis(probs, expert, axis=-1)
     active = jnp.ones(expert.shape, bool)
     routing, real, kept = self.place(expert, gate, active, self.capacity(logits.shape[1], train))
-    balance, metrics = self.choice_stats(probs, expert, active, real, kept, balance_counts)
+    balance, metrics = self.choice_stats(probs, expert, active, real, kept, layer_state)
     return routing, {'balance': balance, 'z': router_z_loss(logits)}, metrics

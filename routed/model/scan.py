@@ -37,23 +37,24 @@ def stacked_units(make_unit, num_units: int, rngs: nnx.Rngs):
   return create(rngs)
 
 
-def run_units(units, x, run_block, keys, counts):
+def run_units(units, x, run_block, keys, layer_state):
   """x [B, L, D] through every unit in order, under lax.scan.
 
-  run_block(block, x, key, counts) -> (x, aux) runs one block; keys [U, P] (per block)
-  or None; counts {j: [U, N]} (the step's expert counts of block j of every unit).
+  run_block(block, x, key, state) -> (x, aux) runs one block; keys [U, P] (per block)
+  or None; layer_state {j: {name: [U, ...]}} (what the routers of block j of every
+  unit read: Transformer's layer_state, stacked over units).
   Returns (x, [aux of block j, stacked over units [U, ...]] for j in range(P)).
   """
   @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
-  def body(x, unit, unit_keys, unit_counts):
+  def body(x, unit, unit_keys, unit_state):
     auxes = []
     for j, block in enumerate(unit):
       x, aux = run_block(block, x, None if unit_keys is None else unit_keys[j],
-                         unit_counts.get(j))
+                         unit_state.get(j))
       auxes.append(aux)
     return x, auxes
 
-  return body(x, units, keys, counts)
+  return body(x, units, keys, layer_state)
 
 
 def stack_blocks(params: dict, period: int) -> dict:

@@ -96,9 +96,9 @@ class SoftRouter(RouterBase):
     return cls(d_model, moe_cfg.num_experts, slots_per_expert=moe_cfg.slots_per_expert,
                rngs=rngs)
 
-  def __call__(self, x, *, train: bool, rng=None, token_ids=None, balance_counts=None):
+  def __call__(self, x, *, train: bool, rng=None, token_ids=None, layer_state=None):
     """x [G, S, D] -> (SoftRouting, losses, metrics); the same in training and eval."""
-    del train, rng, token_ids, balance_counts  # no balance loss: every slot is filled
+    del train, rng, token_ids, layer_state  # no balance loss: every slot is filled
     x = l2_normalize(x.astype(jnp.float32), axis=-1)
     phi = l2_normalize(self.phi[...], axis=0)
     routing = soft_weights(self.scale[...] * jnp.einsum('gsd,dep->gsep', x, phi))

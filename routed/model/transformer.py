@@ -25,6 +25,7 @@ from flax import nnx
 from routed.model.layers import MLP, Attention, RMSNorm, normal_param
 from routed.model import mod as mod_lib
 from routed.model import moe as moe_lib
+from routed.model import mup
 from routed.model import scan as scan_lib
 from routed.model.moe import MoELayer
 from routed.model.mod import MoDBlock, mod_blocks
@@ -56,7 +57,8 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(m.d_model, param_dtype=param_dtype)
     self.attn = Attention(m.d_model, m.num_heads, rope_base=m.rope_base, init_std=m.init_std,
                           dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                          implementation=m.attention)
+                          implementation=m.attention, num_kv_heads=m.num_kv_heads,
+                          query_scale=mup.query_scale(m))
     self.ffn_norm = RMSNorm(m.d_model, param_dtype=param_dtype)
     ffn_args = dict(d_model=m.d_model, d_ff=m.d_ff, activation=m.activation,
                     init_std=m.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -65,10 +67,10 @@ class Block(nnx.Module):
                 if moe else MLP(**ffn_args))
 
   def __call__(self, x, positions, segment_ids=None, *, train: bool, rng=None, token_ids=None,
-               balance_counts=None):
+               layer_state=None):
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     y, aux = self.ffn(self.ffn_norm(x), train=train, rng=rng, token_ids=token_ids,
-                      balance_counts=balance_counts)
+                      layer_state=layer_state)
     return x + y, aux
 
 
@@ -77,9 +79,10 @@ class Transformer(nnx.Module):
 
   positions int [B, L]: rotary positions, counted within each document (default
   0..L-1); segment_ids int [B, L]: a token attends only to earlier tokens with its own
-  segment id (default None: the whole row is one document). balance_counts: {block
-  index: expert counts [N]} of a whole step, for the `global` balance scope when the
-  step runs in microbatches (routed/step.py).
+  segment id (default None: the whole row is one document). layer_state: {block
+  index: dict} of what each MoE layer's router reads besides its input: the routing
+  state (routed/routing_state.py) and, for the `global` balance scope when the step
+  runs in microbatches, the step's expert counts (routed/step.py).
 
   aux = {'losses': {name: mean over MoE layers}, 'metrics': {f'layer{i}/{name}': value}}.
   Losses are averaged (not summed) over MoE layers, so a loss weight means the same
@@ -91,6 +94,7 @@ class Transformer(nnx.Module):
     m = cfg.model
     self.dtype = DTYPES[m.compute_dtype]
     self.tie_embeddings = m.tie_embeddings
+    self.logit_multiplier = mup.logit_multiplier(m)   # μP: tied logits / w; else 1
     self.embed = normal_param(rngs, (vocab_size, m.d_model), m.init_std, DTYPES[m.param_dtype])
 
     def make_block(i, rngs):
@@ -116,16 +120,16 @@ class Transformer(nnx.Module):
                                   DTYPES[m.param_dtype])
 
   def __call__(self, tokens, *, train: bool = False, rng=None, positions=None,
-               segment_ids=None, balance_counts=None):
+               segment_ids=None, layer_state=None):
     b, l = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-    run = lambda block, x, rng, counts: block(x, positions, segment_ids, train=train, rng=rng,
-                                              token_ids=tokens, balance_counts=counts)
+    run = lambda block, x, rng, state: block(x, positions, segment_ids, train=train, rng=rng,
+                                             token_ids=tokens, layer_state=state)
     if self.remat != 'none':
       run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
-    counts = balance_counts or {}
+    states = layer_state or {}
     layer_aux = []   # (block index, aux) in block order
     # Before every block the residual stream is kept split by sequence over the mesh's
     # batch axes (constrain).
@@ -133,8 +137,8 @@ class Transformer(nnx.Module):
       p, u = self.period, self.num_units
       keys = None if rng is None else jax.vmap(lambda i: jax.random.fold_in(rng, i))(
           jnp.arange(u * p)).reshape(u, p)
-      stacked = {j: jnp.stack([counts[v * p + j] for v in range(u)])
-                 for j in range(p) if j in counts}
+      stacked = {j: jax.tree.map(lambda *a: jnp.stack(a), *[states[v * p + j] for v in range(u)])
+                 for j in range(p) if j in states}
       x, auxes = scan_lib.run_units(
           self.units, x, lambda block, x, key, c: run(block, constrain(x, RESIDUAL), key, c),
           keys, stacked)
@@ -143,7 +147,7 @@ class Transformer(nnx.Module):
     else:
       for i, block in enumerate(self.blocks):
         block_rng = None if rng is None else jax.random.fold_in(rng, i)
-        x, aux = run(block, constrain(x, RESIDUAL), block_rng, counts.get(i))
+        x, aux = run(block, constrain(x, RESIDUAL), block_rng, states.get(i))
         layer_aux.append((i, aux))
     losses, metrics = {}, {}
     for i, aux in layer_aux:
@@ -154,6 +158,8 @@ class Transformer(nnx.Module):
     x = self.final_norm(constrain(x, RESIDUAL))
     if self.tie_embeddings:
       logits = jnp.einsum('bld,vd->blv', x, self.embed[...].astype(self.dtype))
+      if self.logit_multiplier != 1.0:
+        logits = logits * self.logit_multiplier
     else:
       logits = x @ self.unembed[...].astype(self.dtype)
     # Over layers only: a per-token loss entry ('reinforce', [B, L]) keeps its shape.
@@ -162,7 +168,13 @@ class Transformer(nnx.Module):
 
 
 def build_model(cfg, vocab_size: int, seed: int) -> Transformer:
-  return Transformer(cfg, vocab_size, rngs=nnx.Rngs(params=seed))
+  """The model with its initial parameters (μP's under model.parametrization=mup)."""
+  model = Transformer(cfg, vocab_size, rngs=nnx.Rngs(params=seed))
+  if cfg.model.parametrization == 'mup':
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, mup.scale_init(nnx.to_pure_dict(state), cfg.model))
+    nnx.update(model, state)
+  return model
 
 
 def is_causal(cfg, train: bool) -> bool:
