@@ -3,6 +3,7 @@
   python benchmarks/mup_transfer.py                         # 2 x 3 widths x 5 rates
   python benchmarks/mup_transfer.py --widths=32,64 --lrs=3e-3,1e-2 --steps=20   # a quick look
 
+--task and --vocab_size pick the corpus (default the embedded stdlib, 4096 pieces).
 Trains configs/switch_base.py:tiny (4 layers, 4 heads, 8 Switch experts in every other
 block, 16 x 128 tokens per step) at each d_model of --widths (d_ff = 4 d_model), for
 each peak learning rate of --lrs, under the standard parametrization and under μP
@@ -32,12 +33,14 @@ from routed.train import run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, 'configs', 'switch_base.py') + ':tiny'
 FLAGS = {'widths': '64,128,256', 'lrs': '3e-4,1e-3,3e-3,1e-2,3e-2', 'steps': 150,
-         'eval_batches': 8, 'parametrizations': 'standard,mup', 'workdir': ''}
+         'eval_batches': 8, 'parametrizations': 'standard,mup', 'task': 'stdlib',
+         'vocab_size': 4096, 'workdir': ''}
 
 
 def make_config(parametrization: str, width: int, base_width: int, lr: float, steps: int,
-                eval_batches: int):
+                eval_batches: int, task: str = 'stdlib', vocab_size: int = 4096):
   c = cli.load_config(BASE)
+  c.data.update(task=task, vocab_size=vocab_size)
   c.model.update(d_model=width, d_ff=4 * width, parametrization=parametrization,
                  mup_base_width=base_width)
   c.train.update(steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 10),
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
   for p in parametrizations:
     for w in widths:
       for lr in lrs:
-        c = make_config(p, w, base_width, lr, flags['steps'], flags['eval_batches'])
+        c = make_config(p, w, base_width, lr, flags['steps'], flags['eval_batches'],
+                        flags['task'], flags['vocab_size'])
         run_dir = os.path.join(workdir, f'{p}_d{w}_lr{lr:g}')
         shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()

@@ -106,6 +106,7 @@ def routing_of(workdir):
   return step_, restored
 
 
+@pytest.mark.slow  # a 20-step CLI run (or more): the full suite runs it
 def test_aux_loss_free_run_resumes_its_bias(mini_data_cfg, tmp_path):
   """20 steps from the CLI with the bias and no balance loss: the bias is logged and
   checkpointed; a run stopped after its checkpoint 10 (a copy of the workdir without
@@ -193,7 +194,7 @@ def test_fine_grained_split_by_hand():
   assert layer.router.top_k == 2
   layer.router.kernel[...] = jnp.zeros((8, 2))
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
-  y, _ = layer(x, train=True, rng=jax.random.key(1))
+  y, _ = nnx.jit(lambda layer, x: layer(x, train=True, rng=jax.random.key(1)))(layer, x)
   wi = jnp.concatenate([layer.experts.wi[0], layer.experts.wi[1]], axis=1)    # [8, 12]
   wo = jnp.concatenate([layer.experts.wo[0], layer.experts.wo[1]], axis=0)    # [12, 8]
   np.testing.assert_allclose(y, 0.5 * jax.nn.relu(x @ wi) @ wo, rtol=1e-5, atol=1e-6)
@@ -245,6 +246,7 @@ def config_args(config, data_cfg, workdir, **overrides):
           [f'--config.{k}={v}' for k, v in settings.items()])
 
 
+@pytest.mark.slow  # a 20-step CLI run (or more): the full suite runs it
 @pytest.mark.parametrize('config', ['deepseek_moe.py:tiny', 'mixtral_like.py:tiny'])
 def test_recipe_config_trains_from_the_cli(config, mini_data_cfg, tmp_path):
   """DeepSeekMoE (fine-grained + shared experts, sigmoid gate, bias) and Mixtral (SwiGLU
@@ -318,6 +320,7 @@ def test_thresholds_follow_the_top_c_scores():
   np.testing.assert_allclose(state[1]['threshold'], [0.4, 0.4])
 
 
+@pytest.mark.slow  # a 20-step CLI run (or more): the full suite runs it
 def test_causal_expert_choice_trains_and_samples(mini_data_cfg, tmp_path, capsys):
   """20 steps of expert choice with the threshold rule from the CLI: evaluation reports
   both rules' cross-entropy, and routed.sample generates from the run."""
@@ -361,7 +364,7 @@ def dense_checkpoint(workdir, vocab=40):
 
 def logits_of(cfg, params, tokens):
   graphdef = nnx.split(build_model(cfg, 40, 0), nnx.Param)[0]
-  return nnx.merge(graphdef, params)(tokens, train=False)[0]
+  return jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, train=False)[0])(params, tokens)
 
 
 def upcycled(cfg, workdir):
@@ -415,9 +418,9 @@ def test_upcycling_noise_and_fine_grained_slices(tmp_path):
 
 @pytest.mark.parametrize('change,vocab,needle', [
     ({}, 40, 'embed'),                                  # the data's vocabulary is 512
-    ({'model.d_model': 24}, 512, 'blocks/0/attn/out'),
+    pytest.param({'model.d_model': 24}, 512, 'blocks/0/attn/out', marks=pytest.mark.slow),
     ({'model.num_layers': 2}, 512, 'blocks/2'),
-    ({'model.d_ff': 48}, 512, 'blocks/0/ffn/wi'),
+    pytest.param({'model.d_ff': 48}, 512, 'blocks/0/ffn/wi', marks=pytest.mark.slow),
 ], ids=['vocab', 'width', 'depth', 'd_ff'])
 def test_upcycling_mismatch_is_one_line(change, vocab, needle, tmp_path, capsys, mini_data_cfg):
   """A checkpoint of another shape: exit 2, one line naming the parameter; the source
@@ -436,17 +439,22 @@ def test_upcycling_mismatch_is_one_line(change, vocab, needle, tmp_path, capsys,
 
 
 def test_upcycling_from_a_routed_run_is_refused(tmp_path, capsys, mini_data_cfg):
+  """A checkpoint with experts is not a dense run: one line, exit 2."""
   source = str(tmp_path / 'moe')
-  assert train_main(tiny_args(mini_data_cfg, source, **{'train.steps': 2,
-                                                        'eval.every_steps': 0})) == 0
-  capsys.readouterr()
-  argv = tiny_args(mini_data_cfg, str(tmp_path / 'again'),
-                   **{'init.from_checkpoint': source, 'init.upcycle': True})
+  cfg = upcycle_config()
+  params = nnx.to_pure_dict(nnx.state(build_model(cfg, 512, 7), nnx.Param))
+  ckpt = Checkpointer(source, keep=2, async_save=False)
+  ckpt.save(5, params, step.make_optimizer(cfg.train).init(params), {})
+  ckpt.close()
+  argv = tiny_args(mini_data_cfg, str(tmp_path / 'again'), **{
+      'model.d_model': 16, 'model.num_heads': 2, 'model.num_layers': 4, 'model.d_ff': 32,
+      'init.from_checkpoint': source, 'init.upcycle': True})
   assert train_main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'not a dense run' in err[0], err
 
 
+@pytest.mark.slow  # a 20-step CLI run (or more): the full suite runs it
 def test_upcycled_run_from_the_cli(mini_data_cfg, tmp_path, capsys):
   """A 20-step dense run, then 20 steps upcycled from it (top-2 renormalised): the
   upcycled run's first loss is about the dense run's last (same function), far below
@@ -500,6 +508,7 @@ def test_erc_noise_perturbs_the_proxies():
   assert noisy[0] != noisy[1] and clean != noisy[0]
 
 
+@pytest.mark.slow  # a 20-step CLI run (or more): the full suite runs it
 def test_erc_run_from_the_cli(mini_data_cfg, tmp_path):
   """20 steps with the ERC loss: it is logged with the coupling metric, and falls."""
   workdir = str(tmp_path)
@@ -570,10 +579,13 @@ def test_mup_multipliers_and_the_base_width():
   assert mup.query_scale(m) == 0.5 and mup.logit_multiplier(m) == 0.25
   base_sp, base_mup = mup_config(64, 'standard'), mup_config(64)
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 50)
-  logits = lambda cfg: build_model(cfg, 50, 0)(tokens)[0]
+  def logits(cfg):
+    graphdef, params = nnx.split(build_model(cfg, 50, 0), nnx.Param)
+    return jax.jit(lambda p: nnx.merge(graphdef, p)(tokens)[0])(params)
   np.testing.assert_array_equal(logits(base_sp), logits(base_mup))
 
 
+@pytest.mark.slow  # a 20-step CLI run (or more): the full suite runs it
 def test_mup_run_from_the_cli(mini_data_cfg, tmp_path, capsys):
   """20 steps under μP at 4x the base width; a base width above d_model is refused."""
   workdir = str(tmp_path / 'run')
