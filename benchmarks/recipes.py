@@ -22,7 +22,8 @@ Columns: mean +- std over seeds of the final eval cross-entropy, the eval drop r
 the largest and smallest expert load as multiples of the mean (last logging window of
 training, mean over MoE layers), and the median step time (from the final window's
 tokens/s). Prints a Markdown table with the machine, date and command; writes
-results.json to --workdir.
+results.json to --workdir. --task and --vocab_size pick the corpus (default the
+embedded stdlib, 4096 pieces).
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ from routers import make_config  # benchmarks/routers.py: the router table's set
 RECIPES = ('balance', 'aux_free', 'fine_m1', 'fine_m2', 'fine_m4', 'erc', 'scratch_top2',
            'upcycled_top2', 'expert_choice')
 FLAGS = {'recipes': ','.join(RECIPES), 'seeds': '0,1,2', 'steps': 600, 'eval_batches': 16,
-         'workdir': ''}
+         'task': 'stdlib', 'vocab_size': 4096, 'workdir': ''}
 
 
-def recipe_config(name: str, steps: int, eval_batches: int, seed: int):
+def recipe_config(name: str, steps: int, eval_batches: int, seed: int, data=None):
+  """The config of recipe `name`; data: {'task', 'vocab_size'} to train on instead."""
   c = make_config('switch', steps, eval_batches)
   c.train.seed = seed
+  c.data.update(data or {})
   m = c.moe
   if name == 'aux_free':
     m.update(aux_loss_weight=0.0, bias_update_rate=1e-3)
@@ -73,14 +76,16 @@ def rows_of(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def train_recipe(name: str, steps: int, eval_batches: int, seed: int, workdir: str) -> dict:
+def train_recipe(name: str, steps: int, eval_batches: int, seed: int, workdir: str,
+                 data=None) -> dict:
   """Trains one recipe and seed in workdir; returns its figures."""
   for stale in (workdir, workdir + '_dense'):
     shutil.rmtree(stale, ignore_errors=True)
-  c = recipe_config(name, steps, eval_batches, seed)
+  c = recipe_config(name, steps, eval_batches, seed, data)
   if name == 'upcycled_top2':
     dense = make_config('dense', steps // 2, eval_batches)
     dense.train.seed = seed
+    dense.data.update(data or {})
     run(dense, workdir + '_dense')
     c.train.update(steps=steps - steps // 2, warmup_steps=max(1, (steps - steps // 2) // 10))
     c.eval.every_steps = c.train.steps
@@ -138,7 +143,8 @@ def main(argv=None) -> int:
   for name in names:
     for seed in seeds:
       figures = train_recipe(name, flags['steps'], flags['eval_batches'], seed,
-                             os.path.join(workdir, f'{name}_seed{seed}'))
+                             os.path.join(workdir, f'{name}_seed{seed}'),
+                             {'task': flags['task'], 'vocab_size': flags['vocab_size']})
       results.setdefault(name, []).append(figures)
       print(f'{name} seed {seed}: {figures}', file=sys.stderr, flush=True)
   print(f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; '

@@ -1,5 +1,6 @@
-"""The CPU benchmark scripts still run: benchmarks/dispatch.py and the GPU kernel tuner
-in their smallest settings (timings are not checked: they belong in RESULTS.md)."""
+"""The CPU benchmark scripts still run: benchmarks/dispatch.py, the data, AOT, recipes
+and μP-transfer scripts and the GPU kernel tuner in their smallest settings (timings
+are not checked: they belong in RESULTS.md)."""
 
 import os
 import sys
@@ -49,3 +50,29 @@ def test_aot_scale_prints_a_row_per_case(capsys):
   row = next(line for line in capsys.readouterr().out.splitlines()
              if line.startswith('| switch_base.py:tiny'))
   assert 'fits' in row and 'auto -> splash' in row and 'expert=2 tensor=2' in row, row
+
+
+@pytest.mark.slow
+def test_recipes_benchmark_prints_its_table(tmp_path, mini_data_dir, monkeypatch, capsys):
+  """Two recipes (one upcycled from its own dense run), 4 steps each, on the mini
+  corpus: a table row each; an unknown recipe is exit 2 before any training."""
+  import recipes  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('ROUTED_DATA_DIR', mini_data_dir)
+  assert recipes.main(['--recipes=nope']) == 2
+  assert recipes.main(['--recipes=aux_free,upcycled_top2', '--seeds=0', '--steps=4',
+                       '--eval_batches=1', '--task=stdlib_mini', '--vocab_size=512',
+                       f'--workdir={tmp_path}']) == 0
+  out = capsys.readouterr().out
+  assert '| aux_free |' in out and '| upcycled_top2 |' in out
+  assert os.path.exists(tmp_path / 'results.json')
+
+
+@pytest.mark.slow
+def test_mup_transfer_benchmark_prints_its_table(tmp_path, mini_data_dir, monkeypatch, capsys):
+  import mup_transfer  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('ROUTED_DATA_DIR', mini_data_dir)
+  assert mup_transfer.main(['--widths=32,64', '--lrs=1e-2', '--parametrizations=mup',
+                            '--steps=2', '--eval_batches=1', '--task=stdlib_mini',
+                            '--vocab_size=512', f'--workdir={tmp_path}']) == 0
+  out = capsys.readouterr().out
+  assert '| mup | 32 |' in out and '| mup | 64 |' in out and 'μP base width 32' in out

@@ -1,7 +1,7 @@
 """The analysis notebooks execute end to end (nbclient, a real Jupyter kernel):
 unified_scaling_laws.ipynb on the paper's released runs and our committed CPU-sweep
 curves, routing_analysis.ipynb on runs of a tiny sweep made here with routed.sweep,
-mup_transfer.ipynb on a tiny sweep of benchmarks/mup_transfer.py run here."""
+mup_transfer.ipynb on the μP transfer sweep measured here."""
 
 import os
 
@@ -85,17 +85,8 @@ def test_routing_analysis_notebook(tmp_path, mini_data_dir, monkeypatch, capsys)
   assert '| micro |' in text and 'train_max_load' in text
 
 
-def test_mup_transfer_notebook(tmp_path, mini_data_dir, monkeypatch, capsys):
-  """A 2 x 2 x 2 sweep of benchmarks/mup_transfer.py (4 steps each), then the notebook
-  on its results.json."""
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-  import mup_transfer  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv('ROUTED_DATA_DIR', mini_data_dir)
-  assert mup_transfer.main(['--widths=32,64', '--lrs=3e-3,1e-2', '--steps=4',
-                            '--eval_batches=1', '--task=stdlib_mini', '--vocab_size=512',
-                            f'--workdir={tmp_path}']) == 0
-  capsys.readouterr()
-  monkeypatch.setenv('ROUTED_MUP_RESULTS', str(tmp_path / 'results.json'))
+def test_mup_transfer_notebook():
+  """On the sweep measured here (benchmarks/results/mup_transfer_cpu.json, the default)."""
   text = '\n'.join(execute('mup_transfer.ipynb'))
-  assert '8 runs from results.json' in text and '| mup | 64 |' in text
+  assert '30 runs from mup_transfer_cpu.json' in text and '| mup | 128 |' in text
+  assert 'standard: best rate' in text and 'mup: best rate' in text

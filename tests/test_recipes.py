@@ -601,3 +601,36 @@ def test_mup_run_from_the_cli(mini_data_cfg, tmp_path, capsys):
   assert train_main(bad) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'model.mup_base_width' in err[0]
+
+
+def logit_update(width: int, parametrization: str) -> float:
+  """RMS change of the logits after 3 Adam steps at rate 0.01 (no clipping or decay)."""
+  c = base_config()
+  c.model.update(d_model=width, num_heads=4, num_layers=2, d_ff=4 * width,
+                 parametrization=parametrization, mup_base_width=32)
+  c.moe.update(num_experts=4, every=2, jitter=0.0)
+  c.train.update(batch_size=4, seq_len=16, steps=100, warmup_steps=0, learning_rate=0.01,
+                 grad_clip=0.0, weight_decay=0.0)
+  graphdef, state = nnx.split(build_model(c, 128, 0), nnx.Param)
+  params = nnx.to_pure_dict(state)
+  optimizer = step.optimizer_for(c, 128)
+  train_step = step.make_train_step(graphdef, c, optimizer)
+  batch = step.token_batch(np.random.default_rng(0).integers(0, 128, (4, 17)))
+  forward = jax.jit(lambda p: nnx.merge(graphdef, p)(batch['tokens'][:, :-1])[0])
+  before = forward(params)
+  opt_state, routing = optimizer.init(params), routing_state.init_state(c)
+  for i in range(3):
+    params, opt_state, routing, _ = train_step(params, opt_state, routing, batch, i)
+  return float(jnp.sqrt(jnp.mean(jnp.square(forward(params) - before))))
+
+
+@pytest.mark.slow
+def test_mup_coordinate_check():
+  """μP's defining property (Yang et al. 2022's coordinate check): the size of the
+  logits' update after a few steps does not grow with width, where the standard
+  parametrization's does. With 4 layers and 8 experts, 32 -> 256 wide, the standard
+  update grew 10x (0.21 -> 2.08) and μP's stayed within 0.19-0.29 (2026-12-03)."""
+  sp = [logit_update(w, 'standard') for w in (32, 256)]
+  mp = [logit_update(w, 'mup') for w in (32, 256)]
+  assert sp[1] / sp[0] > 4, sp
+  assert 0.5 < mp[1] / mp[0] < 2, mp
