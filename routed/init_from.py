@@ -25,8 +25,6 @@ The source is read whole on every process (parameters only are kept).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 
@@ -39,8 +37,9 @@ FRESH = ('router', 'shared', 'predictor')
 
 def checkpoint_state_dir(path: str) -> str:
   """The Orbax `state` directory of the checkpoint that `path` names."""
-  from routed.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
+  from routed.checkpoint import Checkpointer, workdir_path  # pylint: disable=g-import-not-at-top
+  where = workdir_path(path)   # local or gs://
+  if (where / 'checkpoints').is_dir():
     ckpt = Checkpointer(path, keep=1 << 30, async_save=False)
     try:
       step = ckpt.latest_step()
@@ -48,9 +47,9 @@ def checkpoint_state_dir(path: str) -> str:
       ckpt.close()
     if step is None:
       raise UsageError(f'config key init.from_checkpoint: {path} has no checkpoint yet')
-    return os.path.join(path, 'checkpoints', str(step), 'state')
-  if os.path.isdir(os.path.join(path, 'state')):
-    return os.path.join(path, 'state')
+    return str(where / 'checkpoints' / str(step) / 'state')
+  if (where / 'state').is_dir():
+    return str(where / 'state')
   raise UsageError(f"config key init.from_checkpoint: {path} is neither a run's workdir nor "
                    'a checkpoint directory (WORKDIR/checkpoints/<step>)')
 

@@ -76,6 +76,7 @@ def bias_config(microbatches: int):
   return cfg
 
 
+@pytest.mark.slow  # two train-step compiles; the 8-device scale check covers it too
 def test_bias_update_counts_the_whole_batch_over_microbatches():
   """One step in two microbatches moves the bias exactly as the same step in one: the
   update counts every microbatch's choices."""
@@ -375,8 +376,9 @@ def upcycled(cfg, workdir):
   return initial_params(cfg, fresh, jax.tree.map(lambda _: device, fresh))
 
 
-@pytest.mark.parametrize('router,scan', [('topk', False), ('topk', True),
-                                         ('expert_choice', False)])
+@pytest.mark.parametrize('router,scan', [
+    ('topk', False), pytest.param('topk', True, marks=pytest.mark.slow),
+    pytest.param('expert_choice', False, marks=pytest.mark.slow)])
 def test_upcycled_model_starts_as_the_dense_model(router, scan, tmp_path):
   """Every expert a copy of its block's dense MLP: with top-2 weights renormalised (or
   expert choice with C = S, every expert taking every token, weights summing to 1) and
@@ -419,7 +421,7 @@ def test_upcycling_noise_and_fine_grained_slices(tmp_path):
 @pytest.mark.parametrize('change,vocab,needle', [
     ({}, 40, 'embed'),                                  # the data's vocabulary is 512
     pytest.param({'model.d_model': 24}, 512, 'blocks/0/attn/out', marks=pytest.mark.slow),
-    ({'model.num_layers': 2}, 512, 'blocks/2'),
+    pytest.param({'model.num_layers': 2}, 512, 'blocks/2', marks=pytest.mark.slow),
     pytest.param({'model.d_ff': 48}, 512, 'blocks/0/ffn/wi', marks=pytest.mark.slow),
 ], ids=['vocab', 'width', 'depth', 'd_ff'])
 def test_upcycling_mismatch_is_one_line(change, vocab, needle, tmp_path, capsys, mini_data_cfg):
