@@ -30,6 +30,7 @@ import numpy as np
 
 from routed.cli import UsageError
 from routed.model import scan as scan_lib
+from routed.sharding import key_path_name
 
 # Upcycling: parameters under these names are new to the MoE model and keep their init.
 FRESH = ('router', 'shared', 'predictor')
@@ -78,8 +79,7 @@ def read_params(path: str) -> dict:
 def flatten(tree) -> dict:
   """{'blocks/1/ffn/wi': leaf, ...}"""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): leaf
-          for path, leaf in leaves}
+  return {key_path_name(path): leaf for path, leaf in leaves}
 
 
 def unflatten_like(template, flat: dict):

@@ -129,9 +129,14 @@ def constrain(x, names):
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
+def key_path_name(path) -> str:
+  """A jax key path as 'blocks/3/ffn/wi'."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
 def _path_name(path) -> str:
-  name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
-  return re.sub(r'/\d+(?=/|$)', '/N', name)
+  """A parameter's name with block indices written as N: 'blocks/N/ffn/wi'."""
+  return re.sub(r'/\d+(?=/|$)', '/N', key_path_name(path))
 
 
 def param_axes(path) -> tuple | None:

@@ -43,12 +43,14 @@ import re
 import jax
 import optax
 
+from routed import sharding
+
 # Parameter path pattern -> role (rules above); the first match wins.
 ROLES = (
     (r'embed', 'input'),
     (r'unembed', 'output'),
     (r'.*(norm/scale|scale)', 'vector'),
-    (r'.*router/kernel|.*router/phi|.*router', 'output'),       # MoE, Soft MoE, MoD routers
+    (r'.*router(/.*)?', 'output'),               # MoE (kernel), Soft MoE (phi), MoD routers
     (r'.*predictor/.*', 'output'),
     (r'.*(attn|ffn|shared|experts)/(qkv|q|kv|out|wi|wo)', 'hidden'),
 )
@@ -92,20 +94,12 @@ def query_scale(model_cfg) -> float:
   return math.sqrt(base_head_dim / head_dim)
 
 
-def _path(key_path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in key_path
-                  ).replace('units/', 'blocks/')
-
-
-def _stripped(path: str) -> str:
-  """'blocks/3/ffn/experts/wi' -> 'ffn/experts/wi' style: block indices dropped."""
-  return re.sub(r'(^|/)\d+(?=/)', '', path).lstrip('/')
-
-
 def factors(params, model_cfg, which) -> dict:
   """A pytree like params of which(path, w) for every parameter."""
   w = width_multiplier(model_cfg)
-  return jax.tree_util.tree_map_with_path(lambda p, _: which(_stripped(_path(p)), w), params)
+  # Roles ignore the block: 'units/N/ffn/wi' (scanned) reads as 'blocks/N/ffn/wi'.
+  name = lambda p: sharding.key_path_name(p).replace('units/', 'blocks/')
+  return jax.tree_util.tree_map_with_path(lambda p, _: which(name(p), w), params)
 
 
 def scale_init(params, model_cfg):
