@@ -1,19 +1,23 @@
 """Generates text from the latest checkpoint of a training run.
 
   python -m routed.sample --workdir=runs/mod --prompt='def main(' --max_new_tokens=64
+  python -m routed.sample --workdir=runs/mod --prompts_file=prompts.txt --top_p=0.9
 
-Loads WORKDIR/config.json and the newest checkpoint's parameters, then decodes one
-token at a time with the model in evaluation mode: MoE layers route with their
-evaluation capacity, Mixture-of-Depths blocks with their causal rule
-(routed/model/mod.py). A model that is not causal in that mode (expert choice, soft
-MoE: they rank or mix the whole sequence) cannot generate and is refused with one
-line and exit status 2, like every other usage error.
+Loads WORKDIR/config.json and the newest checkpoint's parameters and routing state,
+then continues the prompt (or each line of --prompts_file, decoded together as one
+batch) token by token with the model in evaluation mode (routed/decode.py):
+token-choice MoE layers route each token alone and drop nothing for capacity,
+Mixture-of-Depths blocks and causal expert choice decide by their causal rules. A
+model that is not causal in that mode (expert choice without moe.causal_rule, Soft
+MoE, S-BASE: they rank or mix the whole sequence) cannot generate and is refused with
+one line and exit status 2, like every other usage error.
 
-Decoding recomputes the whole window each step (no KV cache): the window is a fixed
-[1, train.seq_len] buffer, padded after the last token, so one compiled function
-serves every step; causality makes the padding invisible. Past train.seq_len tokens
-the window slides (the oldest token falls out). --temperature=0 is greedy.
-Prints the prompt and its continuation on stdout, tokens/s on stderr.
+Decoding keeps a key/value cache per attention layer (--kv_cache, the default): the
+prompts are run once, then each new token costs one token's forward pass, so prompt +
+max_new_tokens must fit in train.seq_len. --nokv_cache recomputes the whole window for
+every token instead (the oracle the cache is tested against; past train.seq_len the
+window slides). --temperature=0 is greedy; --top_k and --top_p restrict sampling.
+Prints each prompt with its continuation on stdout, tokens/s on stderr.
 """
 
 from __future__ import annotations
@@ -21,12 +25,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from routed import cli
 
-FLAGS = {'workdir': None, 'prompt': None, 'max_new_tokens': 64, 'temperature': 1.0,
-         'seed': 0}
+FLAGS = {'workdir': None, 'prompt': '', 'prompts_file': '', 'max_new_tokens': 64,
+         'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, 'seed': 0, 'kv_cache': True}
 
 
 def log(message: str) -> None:
@@ -46,9 +49,8 @@ def load_run_config(workdir: str):
     cfg.update(saved)
   except (TypeError, KeyError, AttributeError) as e:
     raise cli.UsageError(f'--workdir: {path} does not read as a config: {e}') from None
-  # Each prompt is its own routing group: prompts must not take each other's capacity.
-  cfg.moe.group_size = 0
-  return cfg
+  from routed.decode import sampling_config  # pylint: disable=g-import-not-at-top
+  return sampling_config(cfg)
 
 
 def check_causal(cfg) -> None:
@@ -86,47 +88,32 @@ def load_params(cfg, workdir: str, vocab_size: int):
   return graphdef, params, routing, latest
 
 
-def make_next_token(graphdef):
-  """jit(next_token(params, routing, buffer int32 [1, W], n, key, temperature) -> int32 []);
-  routing is the routing state (routed/routing_state.py)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from routed.routing_state import layer_inputs  # pylint: disable=g-import-not-at-top
-
-  def next_token(params, routing, buffer, n, key, temperature):
-    model = nnx.merge(graphdef, params)
-    logits, _ = model(buffer, train=False, layer_state=layer_inputs(routing))
-    last = jax.lax.dynamic_index_in_dim(logits[0], n - 1, keepdims=False)   # [V]
-    sampled = jax.random.categorical(key, last / jnp.maximum(temperature, 1e-6))
-    return jnp.where(temperature > 0, sampled, jnp.argmax(last)).astype(jnp.int32)
-
-  return jax.jit(next_token)
+def read_prompts(flags) -> list[str]:
+  """The prompt texts: --prompt, or the non-empty lines of --prompts_file."""
+  if bool(flags['prompt']) == bool(flags['prompts_file']):
+    raise cli.UsageError('give exactly one of --prompt=TEXT and --prompts_file=FILE')
+  if flags['prompt']:
+    return [flags['prompt']]
+  try:
+    with open(flags['prompts_file']) as f:
+      prompts = [line.rstrip('\n') for line in f if line.strip()]
+  except OSError as e:
+    raise cli.UsageError(f"--prompts_file: cannot read {flags['prompts_file']}: "
+                         f'{e.strerror}') from None
+  if not prompts:
+    raise cli.UsageError(f"--prompts_file: {flags['prompts_file']} has no prompts")
+  return prompts
 
 
-def generate(graphdef, params, prompt_ids, *, window: int, max_new_tokens: int,
-             temperature: float, seed: int, next_token=None, routing=None):
-  """Returns (new token ids, seconds per generated token after the first); routing:
-  the run's routing state (load_params)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  next_token = next_token or make_next_token(graphdef)
-  ids = list(prompt_ids)
-  new, times = [], []
-  key = jax.random.key(seed)
-  for i in range(max_new_tokens):
-    context = ids[-window:]
-    buffer = np.zeros((1, window), np.int32)
-    buffer[0, :len(context)] = context
-    start = time.perf_counter()
-    token = int(next_token(params, routing or {}, buffer, np.int32(len(context)),
-                           jax.random.fold_in(key, i), np.float32(temperature)))
-    times.append(time.perf_counter() - start)
-    ids.append(token)
-    new.append(token)
-  per_token = float(np.median(times[1:])) if len(times) > 1 else float('nan')
-  return new, per_token
+def check_flags(flags) -> None:
+  if flags['max_new_tokens'] < 1:
+    raise cli.UsageError(f"--max_new_tokens: must be >= 1, got {flags['max_new_tokens']}")
+  if flags['temperature'] < 0:
+    raise cli.UsageError(f"--temperature: must be >= 0, got {flags['temperature']}")
+  if flags['top_k'] < 0:
+    raise cli.UsageError(f"--top_k: must be >= 0 (0: no limit), got {flags['top_k']}")
+  if not 0 < flags['top_p'] <= 1:
+    raise cli.UsageError(f"--top_p: must be in (0, 1], got {flags['top_p']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,10 +121,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     _, flags = cli.parse(argv, FLAGS)
     workdir = flags['workdir']
-    if flags['max_new_tokens'] < 1:
-      raise cli.UsageError(f"--max_new_tokens: must be >= 1, got {flags['max_new_tokens']}")
-    if flags['temperature'] < 0:
-      raise cli.UsageError(f"--temperature: must be >= 0, got {flags['temperature']}")
+    check_flags(flags)
+    texts = read_prompts(flags)
     cfg = load_run_config(workdir)
     check_causal(cfg)
     from routed.validate import validate  # pylint: disable=g-import-not-at-top
@@ -147,21 +132,34 @@ def main(argv: list[str] | None = None) -> int:
       data = load_dataset(cfg.data, cfg.train.seq_len)
     except DataError as e:
       raise cli.UsageError(str(e)) from None
-    prompt_ids = list(data.vocabulary.encode(flags['prompt']))
-    if not prompt_ids:
+    prompts = [list(data.vocabulary.encode(text)) for text in texts]
+    if not all(prompts):
       raise cli.UsageError('--prompt: encodes to no tokens; give some text')
+    from routed.decode import fits  # pylint: disable=g-import-not-at-top
+    if flags['kv_cache'] and not fits([len(p) for p in prompts], flags['max_new_tokens'],
+                                      cfg.train.seq_len):
+      raise cli.UsageError(
+          f"--max_new_tokens: the longest prompt ({max(map(len, prompts))} tokens) + "
+          f"{flags['max_new_tokens']} new ones do not fit in the key/value cache "
+          f'(train.seq_len = {cfg.train.seq_len}); ask for fewer, or --nokv_cache to slide '
+          'the window')
     graphdef, params, routing, step = load_params(cfg, workdir, data.vocab_size)
   except cli.UsageError as e:
     log(f'routed.sample: {e}')
     return 2
+  from routed import decode  # pylint: disable=g-import-not-at-top
   from routed.model.transformer import routing_mode  # pylint: disable=g-import-not-at-top
-  log(f'checkpoint step {step} | {routing_mode(cfg, train=False)}')
-  new, per_token = generate(graphdef, params, prompt_ids, window=cfg.train.seq_len,
-                            max_new_tokens=flags['max_new_tokens'],
-                            temperature=flags['temperature'], seed=flags['seed'],
-                            routing=routing)
-  print(data.vocabulary.decode(prompt_ids + new), flush=True)
-  log(f'{len(new)} tokens, {1 / per_token:.1f} tokens/s (median step after compilation)')
+  log(f'checkpoint step {step} | {routing_mode(cfg, train=False)} | '
+      f"{'key/value cache' if flags['kv_cache'] else 'recomputing the window'}")
+  new, per_step = decode.generate(
+      cfg, graphdef, params, prompts, max_new_tokens=flags['max_new_tokens'],
+      temperature=flags['temperature'], top_k=flags['top_k'], top_p=flags['top_p'],
+      seed=flags['seed'], kv_cache=flags['kv_cache'], routing=routing)
+  for prompt, continuation in zip(prompts, new):
+    print(data.vocabulary.decode(prompt + continuation), flush=True)
+  speed = (f'{len(prompts) / per_step:.1f} tokens/s (median step after compilation)'
+           if per_step == per_step else 'too few steps to time')   # nan below 3 tokens
+  log(f'{len(prompts)} x {flags["max_new_tokens"]} tokens, {speed}')
   return 0
 
 

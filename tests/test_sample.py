@@ -47,20 +47,44 @@ def test_generates_from_a_trained_checkpoint(mode_run, capsys):
   assert 'MoD causal rule aux_loss' in first.err
 
 
+def test_cached_and_recomputed_decoding_print_the_same_text(mode_run, tmp_path, capsys):
+  """Two prompts of different lengths from a file, greedy: the key/value cache and the
+  recomputed window print the same continuations."""
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('import os\n\ndef main(argv):\n')
+  outs = []
+  for cache in ('--kv_cache', '--nokv_cache'):
+    assert sample_main([f'--workdir={mode_run}', f'--prompts_file={prompts}',
+                        '--max_new_tokens=8', '--temperature=0', cache]) == 0
+    out, err = capsys.readouterr()
+    outs.append(out)
+    assert ('key/value cache' if cache == '--kv_cache' else 'recomputing') in err
+    assert '2 x 8 tokens' in err
+  assert outs[0] == outs[1]
+  lines = outs[0].splitlines()
+  assert lines[0].startswith('import os') and any(l.startswith('def main(argv):') for l in lines)
+
+
 def test_greedy_continuation_is_the_argmax_of_a_full_forward_pass(mode_run, mini_data_cfg):
   """Decoding in a padded window agrees with one forward pass over the generated text."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from routed import sample  # pylint: disable=g-import-not-at-top
+  from routed import decode, sample  # pylint: disable=g-import-not-at-top
   cfg = sample.load_run_config(mode_run)
   graphdef, params, _, _ = sample.load_params(cfg, mode_run, mini_data_cfg.vocab_size)
   prompt = [5, 9, 13]
-  new, _ = sample.generate(graphdef, params, prompt, window=cfg.train.seq_len,
-                           max_new_tokens=4, temperature=0.0, seed=0)
+  (new,), _ = decode.generate(cfg, graphdef, params, [prompt], max_new_tokens=4)
   ids = jnp.asarray([prompt + new], jnp.int32)
   logits, _ = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, train=False))(params, ids)
   np.testing.assert_array_equal(np.argmax(logits[0, 2:-1], axis=-1), new)
+
+
+def test_a_continuation_longer_than_the_cache_is_refused(mode_run, capsys):
+  assert sample_main([f'--workdir={mode_run}', '--prompt=import os',
+                      '--max_new_tokens=64']) == 2
+  err = capsys.readouterr().err.strip()
+  assert '\n' not in err and '--nokv_cache' in err and 'train.seq_len = 64' in err, err
 
 
 def test_refuses_a_non_causal_model(tmp_path, capsys):
@@ -75,6 +99,10 @@ def test_refuses_a_non_causal_model(tmp_path, capsys):
     (['--prompt=x'], '--workdir is required'),
     (['--workdir=/nonexistent/run', '--prompt=x'], 'config.json not found'),
     (['--workdir=/tmp', '--prompt=x', '--max_new_tokens=0'], '--max_new_tokens'),
+    (['--workdir=/tmp', '--prompt=x', '--top_p=0'], '--top_p'),
+    (['--workdir=/tmp', '--prompt=x', '--top_k=-1'], '--top_k'),
+    (['--workdir=/tmp'], 'exactly one of --prompt'),
+    (['--workdir=/tmp', '--prompts_file=/nonexistent/p.txt'], '--prompts_file: cannot read'),
 ])
 def test_usage_errors_are_one_line(argv, message, capsys):
   assert sample_main(argv) == 2
@@ -89,3 +117,20 @@ def test_a_run_config_missing_newer_keys_still_loads(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   cfg = sample.load_run_config(str(tmp_path))
   assert cfg.mod.enabled is False and cfg.model.d_model == 128
+
+
+NOISE = ('host bounds', 'TPU_WORKER_HOSTNAMES', 'InitGoogle', 'libtpu')
+
+
+def test_no_libtpu_noise_from_a_cli_without_a_tpu(mode_run):
+  """A CLI started as users start it (a fresh process, JAX_PLATFORMS unset) prints
+  its own lines only: libtpu is installed here (the test extra) but has no TPU."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_PLATFORMS', 'TPU_'))}
+  done = subprocess.run([sys.executable, '-m', 'routed.sample', f'--workdir={mode_run}',
+                         '--prompt=import os', '--max_new_tokens=3', '--temperature=0'],
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr
+  assert not any(n in done.stderr for n in NOISE), done.stderr
+  assert done.stderr.splitlines()[0].startswith('checkpoint step 6'), done.stderr

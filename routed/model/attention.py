@@ -54,15 +54,22 @@ def _mask(segment_ids, length: int):
   return mask
 
 
+def masked(q, k, v, mask):
+  """Softmax attention under an explicit mask: q [B, Lq, H, Dh], k, v [B, Lk, Hkv, Dh],
+  mask bool [B or 1, 1, Lq, Lk] (query i may read key j) -> [B, Lq, H, Dh]. Scores in
+  float32. The reference below, and decoding against a key/value cache (kv_cache.py)."""
+  b, lq, h, dh = q.shape
+  groups = h // k.shape[2]
+  qg = q.reshape(b, lq, k.shape[2], groups, dh)      # query head h = kv head * groups + g
+  scores = jnp.einsum('bqngk,bsnk->bngqs', qg, k).astype(jnp.float32) / math.sqrt(dh)
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bngqs,bsnk->bqngk', probs, v).reshape(b, lq, h, dh)
+
+
 def reference(q, k, v, segment_ids=None):
   """The oracle: q [B, L, H, Dh], k, v [B, L, Hkv, Dh] -> [B, L, H, Dh]."""
-  b, l, h, dh = q.shape
-  groups = h // k.shape[2]
-  qg = q.reshape(b, l, k.shape[2], groups, dh)       # query head h = kv head * groups + g
-  scores = jnp.einsum('bqngk,bsnk->bngqs', qg, k).astype(jnp.float32) / math.sqrt(dh)
-  scores = jnp.where(_mask(segment_ids, l)[:, :, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum('bngqs,bsnk->bqngk', probs, v).reshape(b, l, h, dh)
+  return masked(q, k, v, _mask(segment_ids, q.shape[1]))
 
 
 def dot_product(q, k, v, segment_ids=None, *, implementation: str | None = 'xla'):

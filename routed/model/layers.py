@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from routed.model import kv_cache
 from routed.model.attention import ATTENTION
-
 
 
 def swiglu(h):
@@ -110,6 +110,19 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, segment_ids=None):
     """x [B, L, D] in sequence order; positions int [B, L] (rotary); segment_ids int
     [B, L] (a token attends only within its document) or None -> [B, L, D]."""
+    q, k, v = self.project(x, positions)
+    return self.output(self.attend(q, k, v, segment_ids))
+
+  def extend(self, x, positions, cache: dict, valid):
+    """Decoding: x [B, T, D] are the next tokens of each row, valid bool [B, T] those
+    to append to the key/value cache (routed/model/kv_cache.py); each attends to the
+    row's cached tokens and itself. Returns ([B, T, D], the updated cache)."""
+    q, k, v = self.project(x, positions)
+    cache, slots = kv_cache.append(cache, k, v, valid)
+    return self.output(kv_cache.attend(q, cache, slots)), cache
+
+  def project(self, x, positions):
+    """x [B, L, D] -> q [B, L, H, Dh], k, v [B, L, Hkv, Dh], rotary positions applied."""
     x = x.astype(self.dtype)
     if self.num_kv_heads == self.num_heads:
       q, k, v = jnp.unstack(jnp.einsum('bld,dthk->tblhk', x, self.qkv[...].astype(self.dtype)))
@@ -119,8 +132,10 @@ class Attention(nnx.Module):
     q = rotate(q, positions, self.rope_base)
     if self.query_scale != 1.0:
       q = q * jnp.asarray(self.query_scale, q.dtype)
-    k = rotate(k, positions, self.rope_base)
-    ctx = self.attend(q, k, v, segment_ids)
+    return q, rotate(k, positions, self.rope_base), v
+
+  def output(self, ctx):
+    """ctx [B, L, H, Dh] -> [B, L, D]."""
     return jnp.einsum('bqhk,hkd->bqd', ctx, self.out[...].astype(self.dtype))
 
 

@@ -108,7 +108,9 @@ class MoDBlock(nnx.Module):
     return logits, rule, member, idx, valid
 
   def __call__(self, x, positions, segment_ids=None, *, train: bool, rng=None, token_ids=None,
-               layer_state=None):
+               layer_state=None, cache=None, valid=None):
+    if cache is not None:
+      return self.extend(x, positions, token_ids, layer_state, cache, valid)
     b, l, _ = x.shape
     logits, rule, member, idx, valid = self.route(x, train=train)
     safe = jnp.where(valid, idx, 0)
@@ -131,3 +133,19 @@ class MoDBlock(nnx.Module):
     metrics['mod_causal_acc'] = mod_causal.accuracy(rule, member)
     metrics['mod_chosen'] = jnp.sum(valid) / (b * l)
     return out, {'losses': losses, 'metrics': metrics}
+
+  def extend(self, x, positions, token_ids, layer_state, cache, valid):
+    """Decoding (routed/model/kv_cache.py): the causal rule decides each new token of
+    x [B, T, D] given how many of its row's earlier tokens this block took (the
+    inner block's cache length), as causal_selection does for a whole sequence of
+    the cache's S slots. Only chosen tokens enter the block's cache; the others pass
+    on the residual."""
+    logits = x.astype(jnp.float32) @ self.router[...].astype(jnp.float32)   # [B, T]
+    rule = logits if self.predictor is None else self.predictor(x)
+    decide = (rule > 0) & valid
+    slot = cache['length'][:, None] + jnp.cumsum(decide.astype(jnp.int32), axis=1) - 1
+    chosen = decide & (slot < buffer_size(self.eval_capacity, cache['k'].shape[1]))
+    y, aux = self.block(x, positions, train=False, token_ids=token_ids,
+                        layer_state=layer_state, cache=cache, valid=chosen)
+    weight = jax.nn.sigmoid(logits) * chosen
+    return x + ((y - x) * weight[..., None].astype(y.dtype)).astype(x.dtype), aux

@@ -54,12 +54,12 @@ class Block(nnx.Module):
   def __init__(self, cfg, *, moe: bool, rngs: nnx.Rngs):
     m = cfg.model
     dtype, param_dtype = DTYPES[m.compute_dtype], DTYPES[m.param_dtype]
-    self.attn_norm = RMSNorm(m.d_model, param_dtype=param_dtype)
+    self.attn_norm = RMSNorm(m.d_model, param_dtype=param_dtype, eps=m.norm_eps)
     self.attn = Attention(m.d_model, m.num_heads, rope_base=m.rope_base, init_std=m.init_std,
                           dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                           implementation=m.attention, num_kv_heads=m.num_kv_heads,
                           query_scale=mup.query_scale(m))
-    self.ffn_norm = RMSNorm(m.d_model, param_dtype=param_dtype)
+    self.ffn_norm = RMSNorm(m.d_model, param_dtype=param_dtype, eps=m.norm_eps)
     ffn_args = dict(d_model=m.d_model, d_ff=m.d_ff, activation=m.activation,
                     init_std=m.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ffn = (MoELayer(cfg.moe, **ffn_args, group_sequences=moe_lib.group_sequences(cfg),
@@ -67,11 +67,23 @@ class Block(nnx.Module):
                 if moe else MLP(**ffn_args))
 
   def __call__(self, x, positions, segment_ids=None, *, train: bool, rng=None, token_ids=None,
-               layer_state=None):
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-    y, aux = self.ffn(self.ffn_norm(x), train=train, rng=rng, token_ids=token_ids,
+               layer_state=None, cache=None, valid=None):
+    """cache (decoding): the attention layer's key/value cache, extended by the tokens
+    marked valid [B, T] and returned as aux['cache']; routed/model/kv_cache.py."""
+    if cache is None:
+      x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+      y, aux = self.ffn(self.ffn_norm(x), train=train, rng=rng, token_ids=token_ids,
+                        layer_state=layer_state)
+      return x + y, aux
+    h, cache = self.attn.extend(self.attn_norm(x), positions, cache, valid)
+    x = x + h
+    # Decoding routes every token alone (a group of one): no token can take another's
+    # expert capacity, so nothing drops.
+    b, t, d = x.shape
+    ids = None if token_ids is None else token_ids.reshape(b * t, 1)
+    y, aux = self.ffn(self.ffn_norm(x).reshape(b * t, 1, d), train=False, token_ids=ids,
                       layer_state=layer_state)
-    return x + y, aux
+    return x + y.reshape(b, t, d), dict(aux, cache=cache)
 
 
 class Transformer(nnx.Module):
@@ -88,6 +100,11 @@ class Transformer(nnx.Module):
   Losses are averaged (not summed) over MoE layers, so a loss weight means the same
   whatever the depth; a per-token entry (REINFORCE's log-probabilities [B, L]) is
   averaged over layers token by token.
+
+  Decoding (routed/decode.py): cache {block index: key/value cache} (kv_cache.py) and
+  valid bool [B, L] (the tokens to append: not prompt padding) run the tokens as the
+  continuation of each row's cached ones, at the given positions, in evaluation mode;
+  aux['cache'] is the updated cache.
   """
 
   def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs):
@@ -113,23 +130,29 @@ class Transformer(nnx.Module):
           self.num_units, rngs)
     else:
       self.blocks = nnx.List([make_block(i, rngs) for i in range(m.num_layers)])
-    self.final_norm = RMSNorm(m.d_model, param_dtype=DTYPES[m.param_dtype])
+    self.final_norm = RMSNorm(m.d_model, param_dtype=DTYPES[m.param_dtype], eps=m.norm_eps)
     self.remat = m.remat
     if not m.tie_embeddings:
       self.unembed = normal_param(rngs, (m.d_model, vocab_size), m.init_std,
                                   DTYPES[m.param_dtype])
 
   def __call__(self, tokens, *, train: bool = False, rng=None, positions=None,
-               segment_ids=None, layer_state=None):
+               segment_ids=None, layer_state=None, cache=None, valid=None):
     b, l = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-    run = lambda block, x, rng, state: block(x, positions, segment_ids, train=train, rng=rng,
-                                             token_ids=tokens, layer_state=state)
-    if self.remat != 'none':
+    # What block i reads besides x: its routers' layer_state and its decoding cache.
+    states = {}
+    for name, per_block in (('routing', layer_state), ('cache', cache)):
+      for i, value in (per_block or {}).items():
+        states.setdefault(i, {})[name] = value
+    def run(block, x, rng, state):
+      state = state or {}
+      return block(x, positions, segment_ids, train=train, rng=rng, token_ids=tokens,
+                   layer_state=state.get('routing'), cache=state.get('cache'), valid=valid)
+    if self.remat != 'none' and cache is None:
       run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
-    states = layer_state or {}
     layer_aux = []   # (block index, aux) in block order
     # Before every block the residual stream is kept split by sequence over the mesh's
     # batch axes (constrain).
@@ -149,8 +172,10 @@ class Transformer(nnx.Module):
         block_rng = None if rng is None else jax.random.fold_in(rng, i)
         x, aux = run(block, constrain(x, RESIDUAL), block_rng, states.get(i))
         layer_aux.append((i, aux))
-    losses, metrics = {}, {}
+    losses, metrics, new_cache = {}, {}, {}
     for i, aux in layer_aux:
+      if 'cache' in aux:
+        new_cache[i] = aux['cache']
       for name, value in aux.get('losses', {}).items():
         losses.setdefault(name, []).append(value)
       for name, value in aux.get('metrics', {}).items():
@@ -164,7 +189,10 @@ class Transformer(nnx.Module):
       logits = x @ self.unembed[...].astype(self.dtype)
     # Over layers only: a per-token loss entry ('reinforce', [B, L]) keeps its shape.
     losses = {name: jnp.mean(jnp.stack(values), axis=0) for name, values in losses.items()}
-    return logits.astype(jnp.float32), {'losses': losses, 'metrics': metrics}
+    aux = {'losses': losses, 'metrics': metrics}
+    if cache is not None:
+      aux['cache'] = new_cache
+    return logits.astype(jnp.float32), aux
 
 
 def build_model(cfg, vocab_size: int, seed: int) -> Transformer:
