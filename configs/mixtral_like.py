@@ -10,9 +10,9 @@ data's tokenizer sets it). The router is a softmax over the 8 experts whose top 
 renormalised, which equals Mixtral's softmax over the top-2 logits; no router noise or
 z-loss, the balance loss at Mixtral's 0.02 (Hugging Face's router_aux_loss_coef), and
 dropless dispatch as Mixtral's own kernels. This exact architecture is what export to
-Hugging Face's MixtralForCausalLM maps parameter by parameter. Differences: RMSNorm's
-epsilon is 1e-6 here (Mixtral: 1e-5), and the sliding window is off (as in Mixtral
-v0.1's released config). Variants: '' (C4), 'tiny' (the CPU quickstart shape, 4 heads
+Hugging Face's MixtralForCausalLM maps parameter by parameter (python -m routed.export),
+RMSNorm's epsilon (1e-5) included. The sliding window is off, as in Mixtral v0.1's
+released config. Variants: '' (C4), 'tiny' (the CPU quickstart shape, 4 heads
 over 2 kv heads).
 """
 
@@ -22,7 +22,7 @@ from routed.config import base_config
 
 def architecture(c):
   """Mixtral's choices, on whatever width and depth c has."""
-  c.model.update(activation='swiglu', tie_embeddings=False, rope_base=1e6)
+  c.model.update(activation='swiglu', tie_embeddings=False, rope_base=1e6, norm_eps=1e-5)
   c.moe.update(router='topk', num_experts=8, top_k=2, every=1, gate='softmax',
                renormalize=True, aux_loss_weight=0.02, z_loss_weight=0.0, jitter=0.0,
                dispatch='ragged')

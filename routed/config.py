@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 0         # key/value heads; fewer than num_heads (dividing it) is
                                    # grouped-query attention, 1 is multi-query; 0 = num_heads
   c.model.rope_base = 10000.0      # rotary position embedding base (wavelength)
+  c.model.norm_eps = 1e-6          # RMSNorm's epsilon: x / sqrt(mean(x^2) + eps)
   c.model.attention = 'auto'       # attention implementation (routed/model/attention.py):
                                    # reference (einsum, the oracle) | dot_product
                                    # (jax.nn.dot_product_attention; cuDNN on GPU) | splash

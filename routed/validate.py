@@ -58,6 +58,7 @@ def validate_model(cfg) -> None:
   one_of(m.compute_dtype, DTYPES, 'model.compute_dtype')
   require(m.init_std > 0, 'model.init_std', f'must be > 0, got {m.init_std}')
   require(m.rope_base > 0, 'model.rope_base', f'must be > 0, got {m.rope_base}')
+  require(m.norm_eps > 0, 'model.norm_eps', f'must be > 0, got {m.norm_eps}')
   require(moe.num_experts >= 1, 'moe.num_experts', f'must be >= 1, got {moe.num_experts}')
   require(moe.every >= 0, 'moe.every', f'must be >= 0 (0 = dense model), got {moe.every}')
   one_of(moe.router, ROUTERS, 'moe.router')
