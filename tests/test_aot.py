@@ -74,6 +74,9 @@ def test_switch_tiny_compiles_for_v5p_with_expert_parallelism_and_pallas():
   assert report['total_gib'] <= report['hbm_gib'] == pytest.approx(95.0)
   assert report['compiled_tflop_per_step'] > 0 and report['model_tflop_per_step'] > 0
   assert 0 < report['mfu_upper_bound'] <= 1
+  # libtpu compiled without a TPU host and said nothing about it (routed/platforms.py).
+  assert not any(n in proc.stderr for n in ('host bounds', 'TPU_WORKER_HOSTNAMES',
+                                            'InitGoogle')), proc.stderr[-3000:]
 
 
 @NEEDS_LIBTPU
