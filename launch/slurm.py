@@ -29,12 +29,10 @@ import re
 import shlex
 import sys
 
+from launch.parser import Parser, UsageError
+
 SLURM_TIME = re.compile(r'(\d+-)?\d+(:\d\d){0,2}')  # M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 SIGNAL_LEAD_S = 120  # seconds before the time limit; time to write a checkpoint
-
-
-class UsageError(Exception):
-  """Bad command line: the message is one line naming the flag."""
 
 
 def sbatch_lines(a: argparse.Namespace) -> list[str]:
@@ -99,16 +97,15 @@ def script(a: argparse.Namespace, overrides: list[str], generated_by: str) -> st
   return '\n'.join(out) + '\n'
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line and exit status 2, as routed's own commands
-    raise UsageError(message)
+EXIT_CODES = '0 the script was written; 2 bad input (one line on stderr)'
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   """Returns the flags and the --config.KEY=VALUE overrides given after `--`."""
   argv, overrides = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) \
       if '--' in argv else (argv, [])
-  parser = _Parser(prog='python -m launch.slurm', description=__doc__.split('\n')[0])
+  parser = Parser(exit_codes=EXIT_CODES, prog='python -m launch.slurm',
+                  description=__doc__.split('\n')[0])
   parser.add_argument('--nodes', type=int, required=True, help='one process per node')
   parser.add_argument('--gpus-per-node', type=int, required=True)
   parser.add_argument('--config', required=True, help='FILE[:VARIANT]')

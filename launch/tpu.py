@@ -48,6 +48,7 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
+from launch.parser import Parser, UsageError
 from launch.tpu_commands import (ACCELERATOR_TYPE, GIT_URL, NODE_NAME, RUNTIME_VERSIONS,
                                  Job, Slice, copy_command, create_command, delete_command,
                                  follow_script, install_script, node_state_command,
@@ -58,10 +59,6 @@ PREEMPTED = 'PREEMPTED'
 MAX_RECONNECTS = 10   # times to follow worker 0 again after the ssh connection drops
 POLL_S = 60           # seconds between polls of a queued resource or a lost connection
 SETTLE_S = 30         # a preempted node takes a moment to report PREEMPTED
-
-
-class UsageError(Exception):
-  """Bad command line: the message is one line naming the flag."""
 
 
 class Result(NamedTuple):
@@ -183,9 +180,9 @@ def launch(s: Slice, job: Job, run: Runner, *, delete_on_finish: bool = True,
 
 # ---- command line -----------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line and exit status 2, as routed's own commands
-    raise UsageError(message)
+EXIT_CODES = ("the trainer's own when it ran to its end (0 finished or saved "
+              'after SIGTERM, 1 failed, 2 bad input); 1 the slice or the trainer failed '
+              'otherwise; 2 bad input here (one line on stderr); 130 interrupted')
 
 
 def _slice_flags(parser: argparse.ArgumentParser) -> None:
@@ -202,12 +199,14 @@ def parse(argv: list[str]):
   argv, overrides = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) \
       if '--' in argv else (argv, [])
   if argv[:1] == ['delete']:
-    parser = _Parser(prog='python -m launch.tpu delete', description='Delete a slice.')
+    parser = Parser(exit_codes=EXIT_CODES, prog='python -m launch.tpu delete',
+                    description='Delete a slice.')
     _slice_flags(parser)
     a = parser.parse_args(argv[1:])
     return 'delete', _slice(a), a.dry_run
-  parser = _Parser(prog='python -m launch.tpu', description=__doc__.split('\n')[0],
-                   epilog='`python -m launch.tpu delete --name=N --zone=Z` deletes a slice.')
+  parser = Parser(exit_codes=EXIT_CODES, prog='python -m launch.tpu',
+                  description=__doc__.split('\n')[0],
+                  epilog='`python -m launch.tpu delete --name=N --zone=Z` deletes a slice.')
   _slice_flags(parser)
   parser.add_argument('--accelerator-type', required=True, help='e.g. v5p-64, v4-32')
   parser.add_argument('--runtime-version', help='TPU VM image (default: per type)')

@@ -21,7 +21,7 @@ includes recomputation, dispatch, the optimizer...). XLA's count leaves out Mosa
 kernels (splash attention) and counts a scanned loop body once (model.scan_layers),
 so the table says when either applies; compare FLOPs without scan_layers.
 
-Exit status: 0 compiled (and fits, or --allow_oom); 1 does not fit the HBM (compiled,
+Exit status: 0 compiled and fits; 1 does not fit the HBM (compiled,
 or refused by XLA while compiling, said in one line); 2 bad input (a mesh that does not fit the topology, say); 3 no libtpu.
 """
 
@@ -36,6 +36,14 @@ import time
 from routed import cli
 
 FLAGS = {'config': None, 'topology': None, 'vocab_size': 0}
+HELP = cli.Help(
+    command='python -m routed.aot', doc=__doc__,
+    flags={'config': 'the config: FILE[:VARIANT], then --config.KEY=VALUE overrides',
+           'topology': 'a Cloud TPU type (v5p-64, v6e-8, ...) or a topology (v5p:2x4x4)',
+           'vocab_size': "the vocabulary (0: the data's, or 32,000 for c4 without data.path)"},
+    exit_codes={0: 'compiled, and it fits', 1: 'it does not fit the HBM', 2: cli.BAD_INPUT,
+                3: 'libtpu is not installed'},
+    reads=cli.CONFIG_KEYS + ' (the mesh group lays the mesh over the topology)')
 HBM_GIB_PER_CHIP = {'v4': 32, 'v5p': 95, 'v5e': 16, 'v6e': 32}
 C4_VOCAB_SIZE = 32000  # routed.data.prepare's default vocabulary, for c4 without data.path
 TOPOLOGY_ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6': 'v6e', 'v5': 'v5p'}
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from routed.validate import validate_model, validate_mesh, validate_training  # pylint: disable=g-import-not-at-top
   try:
-    cfg, flags = cli.parse(argv, FLAGS)
+    cfg, flags = cli.parse(argv, FLAGS, HELP)
     validate_model(cfg)
     validate_training(cfg)
     topology = topology_name(flags['topology'])

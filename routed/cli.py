@@ -3,12 +3,16 @@
 
 The syntax is ml_collections' config_flags syntax; we parse it ourselves so that every
 mistake (a missing file, an unknown key, a value of the wrong type) becomes one line
-naming the flag or key, which the entry points print before exiting with status 2.
+naming the flag or key (with the nearest valid name for a typo), which the entry points
+print before exiting with status 2. `--help` prints the entry point's Help (what it
+does, each flag with its default, the config keys it reads, its exit codes) and exits 0.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import difflib
 import importlib.util
 import os
 import sys
@@ -18,6 +22,51 @@ import ml_collections
 
 class UsageError(Exception):
   """Bad command line or config: the message is one line naming what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Help:
+  """What `--help` prints for an entry point."""
+  command: str                  # how it is run: 'python -m routed.sample'
+  doc: str                      # its module docstring: what it does
+  flags: dict                   # flag -> one line (every flag of its FLAGS)
+  exit_codes: dict              # exit status -> meaning
+  reads: str = ''               # the config keys it reads ('' : none)
+
+  def text(self, defaults: dict) -> str:
+    width = max(len(f'--{name}={_shown(defaults[name])}') for name in self.flags)
+    lines = [f'usage: {self.command} [flags]', '', self.doc.strip(), '', 'flags:']
+    for name, line in self.flags.items():
+      lines.append(f'  {f"--{name}={_shown(defaults[name])}":<{width}}  {line}')
+    if any(isinstance(defaults[name], bool) for name in self.flags):
+      lines.append('  (a true/false flag also reads --NAME and --noNAME)')
+    if self.reads:
+      lines += ['', f'config: {self.reads}']
+    lines += ['', 'exit codes:'] + [f'  {code}  {meaning}'
+                                    for code, meaning in sorted(self.exit_codes.items())]
+    return '\n'.join(lines)
+
+
+# What the entry points' --help says about exit status 2 and about --config.
+BAD_INPUT = ('bad input: one line on stderr naming the flag, config key or path (no '
+             'traceback; nothing already written is changed)')
+CONFIG_KEYS = ('--config=FILE[:VARIANT] (a config file calling get_config(VARIANT)), then '
+               '--config.KEY=VALUE overrides of any key of routed/config.py, each '
+               'documented there beside its default')
+
+
+def _shown(default) -> str:
+  if default is None:
+    return '(required)'
+  if isinstance(default, bool):
+    return str(default).lower()
+  return repr(default) if default == '' else str(default)
+
+
+def nearest(name: str, candidates) -> str:
+  """' (did you mean X?)' for the closest candidate to a mistyped name, else ''."""
+  match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+  return f' (did you mean {match[0]}?)' if match else ''
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -73,22 +122,31 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
   node = config
   for i, name in enumerate(parents):
     if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-      raise UsageError(f'--config.{key}: unknown config key {".".join(parents[:i + 1])}')
+      known = [".".join(parents[:i] + [k]) for k in node] if isinstance(
+          node, ml_collections.ConfigDict) else []
+      wrong = ".".join(parents[:i + 1])
+      raise UsageError(f'--config.{key}: unknown config key {wrong}{nearest(wrong, known)}')
     node = node[name]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-    raise UsageError(f'--config.{key}: unknown config key {key}')
+    known = ['.'.join(parents + [k]) for k in node] if isinstance(
+        node, ml_collections.ConfigDict) else []
+    raise UsageError(f'--config.{key}: unknown config key {key}{nearest(key, known)}')
   if isinstance(node[leaf], ml_collections.ConfigDict):
     raise UsageError(f'--config.{key}: is a group of keys, not a value')
   with node.unlocked():
     node[leaf] = parse_value(key, raw, node[leaf])
 
 
-def parse(argv: list[str], flags: dict[str, object]):
+def parse(argv: list[str], flags: dict[str, object], help: Help | None = None):  # pylint: disable=redefined-builtin
   """Parses argv (without the program name).
 
   flags: the command's own flags and their defaults (a default of None means a
-  required string; bool defaults take --name / --noname too). Returns (config or None, {flag: value}).
+  required string; bool defaults take --name / --noname too). help: what --help
+  prints (then SystemExit(0)). Returns (config or None, {flag: value}).
   """
+  if help is not None and any(a in ('--help', '-h') for a in argv):
+    print(help.text(flags), flush=True)
+    raise SystemExit(0)
   values = dict(flags)
   config_spec, overrides = None, []
   for arg in argv:
@@ -110,7 +168,7 @@ def parse(argv: list[str], flags: dict[str, object]):
     elif name.startswith('no') and isinstance(flags.get(name[2:]), bool) and not eq:
       values[name[2:]] = False
     else:
-      raise UsageError(f'unknown flag --{name}')
+      raise UsageError(f'unknown flag --{name}{nearest(f"--{name}", [f"--{f}" for f in flags])}')
   config = None
   if 'config' in flags or config_spec is not None:
     if config_spec is None:

@@ -22,6 +22,10 @@ import os
 from routed.cli import UsageError
 
 FLAGS = {'coordinator': '', 'num_processes': 0, 'process_id': -1}
+FLAG_HELP = {'coordinator': "HOST:PORT of process 0, or 'auto' (JAX's detection); '': "
+                            'ROUTED_COORDINATOR, else a single process',
+             'num_processes': 'processes in the job (0: ROUTED_NUM_PROCESSES, else 1)',
+             'process_id': "this process's index (-1: ROUTED_PROCESS_ID)"}
 ENV = {'coordinator': 'ROUTED_COORDINATOR', 'num_processes': 'ROUTED_NUM_PROCESSES',
        'process_id': 'ROUTED_PROCESS_ID'}
 

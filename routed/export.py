@@ -28,6 +28,15 @@ from routed import cli
 
 FLAGS = {'workdir': None, 'out': None, 'format': 'hf', 'overwrite': False}
 FORMATS = ('hf',)
+HELP = cli.Help(
+    command='python -m routed.export', doc=__doc__,
+    flags={'workdir': 'a routed.train run directory (its config.json and newest checkpoint)',
+           'out': 'the directory to write the Hugging Face model into',
+           'format': 'hf (transformers: config.json, model.safetensors, tokenizer)',
+           'overwrite': 'replace a model already in --out'},
+    exit_codes={0: 'written', 2: cli.BAD_INPUT + '; also a model transformers cannot express'},
+    reads="WORKDIR/config.json, the run's own: the model and moe keys, the data keys (its "
+          'tokenizer)')
 
 
 def log(message: str) -> None:
@@ -93,7 +102,7 @@ def export_hf(cfg, params: dict, vocab_size: int, vocab_path: str, out: str) -> 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    _, flags = cli.parse(argv, FLAGS)
+    _, flags = cli.parse(argv, FLAGS, HELP)
     if flags['format'] not in FORMATS:
       raise cli.UsageError(f"--format: {flags['format']!r} is not one of {', '.join(FORMATS)}")
     out = flags['out']

@@ -31,6 +31,12 @@ import sys
 from routed import cli
 
 FLAGS = {'hf_dir': None, 'workdir': None}
+HELP = cli.Help(
+    command='python -m routed.import_hf', doc=__doc__,
+    flags={'hf_dir': 'a Hugging Face model directory (config.json, *.safetensors)',
+           'workdir': 'the new routed run directory to write (must hold no checkpoints)'},
+    exit_codes={0: 'written', 2: cli.BAD_INPUT},
+    reads='optional ' + cli.CONFIG_KEYS + '; the model keys come from HF_DIR/config.json')
 
 
 def log(message: str) -> None:
@@ -73,7 +79,7 @@ def routed_config(flags, config, hf: dict):
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    config, flags = cli.parse(argv, FLAGS)
+    config, flags = cli.parse(argv, FLAGS, HELP)
     hf_dir, workdir = flags['hf_dir'], flags['workdir']
     path = os.path.join(hf_dir, 'config.json')
     if not os.path.isfile(path):

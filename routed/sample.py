@@ -30,6 +30,20 @@ from routed import cli
 
 FLAGS = {'workdir': None, 'prompt': '', 'prompts_file': '', 'max_new_tokens': 64,
          'temperature': 1.0, 'top_k': 0, 'top_p': 1.0, 'seed': 0, 'kv_cache': True}
+HELP = cli.Help(
+    command='python -m routed.sample', doc=__doc__,
+    flags={'workdir': 'a routed.train run directory (its config.json and newest checkpoint)',
+           'prompt': 'the text to continue (or --prompts_file)',
+           'prompts_file': 'a file of prompts, one per line, decoded together as a batch',
+           'max_new_tokens': 'tokens to generate per prompt',
+           'temperature': '0: greedy; otherwise the softmax temperature',
+           'top_k': 'sample among the k most likely tokens (0: all)',
+           'top_p': 'sample among the most likely tokens holding this probability (1: all)',
+           'seed': 'random seed of the sampling', 'kv_cache': 'decode against a key/value '
+           'cache (false: recompute the window for every token)'},
+    exit_codes={0: 'generated', 2: cli.BAD_INPUT + '; also a model that is not causal'},
+    reads='WORKDIR/config.json, the run\'s own: the model, moe and mod keys, train.seq_len '
+          '(the cache length) and the data keys (its tokenizer)')
 
 
 def log(message: str) -> None:
@@ -119,7 +133,7 @@ def check_flags(flags) -> None:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    _, flags = cli.parse(argv, FLAGS)
+    _, flags = cli.parse(argv, FLAGS, HELP)
     workdir = flags['workdir']
     check_flags(flags)
     texts = read_prompts(flags)

@@ -22,6 +22,15 @@ from routed import cli, distributed
 from routed.validate import validate, validate_mesh
 
 FLAGS = {'config': None, 'workdir': None, **distributed.FLAGS}
+HELP = cli.Help(
+    command='python -m routed.train', doc=__doc__,
+    flags={'config': 'the config: FILE[:VARIANT], then --config.KEY=VALUE overrides',
+           'workdir': 'the run directory (local or gs://): resumed when it has checkpoints',
+           **distributed.FLAG_HELP},
+    exit_codes={0: 'finished, or stopped by SIGTERM after saving a checkpoint',
+                1: 'a non-finite step (train.nonfinite=stop) or a checkpoint that could '
+                   'not be written', 2: cli.BAD_INPUT},
+    reads=cli.CONFIG_KEYS)
 QUIET = []  # set on processes other than 0: only process 0 reports progress
 
 
@@ -256,7 +265,7 @@ def run(cfg, workdir: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    cfg, flags = cli.parse(argv, FLAGS)
+    cfg, flags = cli.parse(argv, FLAGS, HELP)
     validate(cfg, flags['workdir'])
     distributed.initialize(flags)
     import jax  # pylint: disable=g-import-not-at-top

@@ -103,3 +103,42 @@ def test_real_process_exit_code(tmp_path):
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and 'model.num_heads' in lines[0], proc.stderr
+
+
+ENTRY_POINTS = ['routed.train', 'routed.sample', 'routed.sweep', 'routed.sweep.reeval',
+                'routed.aot', 'routed.export', 'routed.import_hf', 'routed.data.prepare']
+
+
+@pytest.mark.parametrize('module', ENTRY_POINTS + ['routed.scaling'])
+def test_every_entry_point_has_a_help(module, capsys):
+  """--help: what it does, every flag with its default, the exit codes; status 0."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  mod = importlib.import_module('routed.scaling.cli' if module == 'routed.scaling'
+                                else 'routed.sweep.cli' if module == 'routed.sweep' else module)
+  with pytest.raises(SystemExit) as done:
+    mod.main(['--help'])
+  assert done.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith('usage: python -m ' + module)
+  for name in mod.FLAGS:
+    assert f'--{name}=' in out, name
+  assert 'exit codes:' in out and '  2  bad input' in out
+
+
+@pytest.mark.parametrize('module', ['launch.slurm', 'launch.tpu'])
+def test_launchers_help_shows_defaults_and_exit_codes(module):
+  done = subprocess.run([sys.executable, '-m', module, '--help'], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert done.returncode == 0, done.stderr
+  assert '(default' in done.stdout and 'exit codes:' in done.stdout
+
+
+def test_a_mistyped_flag_or_key_suggests_the_nearest(capsys):
+  from routed.sample import main as sample_main  # pylint: disable=g-import-not-at-top
+  assert sample_main(['--workdir=/tmp', '--max_new_token=3']) == 2
+  assert 'unknown flag --max_new_token (did you mean --max_new_tokens?)' in capsys.readouterr().err
+  spec = os.path.join(ROOT, 'configs', 'switch_base.py') + ':tiny'
+  assert train_main([f'--config={spec}', '--workdir=/tmp/x', '--config.moe.num_expert=4']) == 2
+  assert 'did you mean moe.num_experts?' in capsys.readouterr().err
+  assert train_main([f'--config={spec}', '--workdir=/tmp/x', '--config.mdoel.d_model=4']) == 2
+  assert 'unknown config key mdoel (did you mean model?)' in capsys.readouterr().err

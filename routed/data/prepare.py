@@ -286,6 +286,18 @@ def sample_texts(parts: list, text_key: str, budget: int = VOCAB_SAMPLE_CHARS) -
 FLAGS = {'input': None, 'output': None, 'text_key': 'text', 'vocab': '', 'vocab_size': 0,
          'seq_len': 512, 'split': 'train', 'holdout': 0.01, 'num_shards': 1,
          'shard_index': 0, 'workers': 0, 'tfds_data_dir': '', 'progress': True}
+FLAG_HELP = {
+    'input': 'globs of jsonl / json.gz / parquet / text files, or tfds:NAME',
+    'output': 'the prepared directory (then --config.data.path=DIR)',
+    'text_key': 'the field holding the text in JSON and parquet records',
+    'vocab': 'a SentencePiece model to use (copied into DIR)',
+    'vocab_size': 'train a vocabulary of this many pieces on a sample (0: 32,000)',
+    'seq_len': 'tokens per packed training row', 'split': 'train | validation',
+    'holdout': 'with --split=train, the share of documents sent to validation',
+    'num_shards': 'machines preparing this corpus together',
+    'shard_index': "this machine's index among them", 'workers': 'local processes (0: one '
+    'per core)', 'tfds_data_dir': 'the TFDS data directory for tfds:NAME inputs',
+    'progress': 'print a progress line per part'}
 
 
 def _resolve_vocab(flags, output: str, parts: list) -> str:
@@ -318,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
   from routed import cli  # pylint: disable=g-import-not-at-top
   argv = sys.argv[1:] if argv is None else argv
   try:
-    _, flags = cli.parse(argv, FLAGS)
+    _, flags = cli.parse(argv, FLAGS, cli.Help(
+        command='python -m routed.data.prepare', doc=__doc__, flags=FLAG_HELP,
+        exit_codes={0: 'prepared', 2: cli.BAD_INPUT + '; parts already written stay'}))
     if flags['split'] not in records.SPLITS:
       raise DataError(f'--split={flags["split"]!r}: use train or validation')
     if not 0 <= flags['holdout'] < 1:

@@ -29,20 +29,22 @@ from routed.scaling.curves import PAPER_URL, load_curves, select
 from routed.scaling.fit import fit_dense, fit_unified
 
 COMMANDS = ('fit', 'dense')
-FLAGS = {
-    'curves': PAPER_URL,       # path or URL of a curves CSV (.csv or .csv.gz)
-    'router': 'S-Base',        # router_type to fit (fit only): S-Base | RL-R | Hash | ...
-    'k': 1,                    # experts per token of the runs to keep
-    'routing_frequency': 0.5,  # fraction of routed blocks of the runs to keep
-    'seed': 42,                # seed of the runs to keep; -1 keeps every seed
-    'objective': 'l2',         # l2 | huber (on log10 L)
-    'huber_delta': 1e-3,       # Huber threshold in log10 L
-    'e_start': 0.0,            # with --e_max: hold E_start, E_max fixed (0: fit them);
-    'e_max': 0.0,              # --e_start=1 --e_max=inf gives Ê = E (few expert counts)
-    'bootstrap': 200,          # bootstrap refits for the intervals; 0: no intervals
-    'level': 0.95,             # coverage of the intervals
-    'bootstrap_seed': 0,       # seed of the resampling
-}
+FLAGS = {'curves': PAPER_URL, 'router': 'S-Base', 'k': 1, 'routing_frequency': 0.5,
+         'seed': 42, 'objective': 'l2', 'huber_delta': 1e-3, 'e_start': 0.0, 'e_max': 0.0,
+         'bootstrap': 200, 'level': 0.95, 'bootstrap_seed': 0}
+HELP = cli.Help(
+    command='python -m routed.scaling fit|dense', doc=__doc__,
+    flags={'curves': 'path or URL of a curves CSV (.csv or .csv.gz)',
+           'router': 'router_type to fit (fit only): S-Base | RL-R | Hash | ...',
+           'k': 'experts per token of the runs to keep',
+           'routing_frequency': 'fraction of routed blocks of the runs to keep',
+           'seed': 'seed of the runs to keep; -1 keeps every seed',
+           'objective': 'l2 | huber (on log10 L)', 'huber_delta': 'Huber threshold in log10 L',
+           'e_start': 'with --e_max: hold E_start, E_max fixed (0: fit them)',
+           'e_max': '--e_start=1 --e_max=inf gives Ê = E (few expert counts)',
+           'bootstrap': 'bootstrap refits for the intervals; 0: no intervals',
+           'level': 'coverage of the intervals', 'bootstrap_seed': 'seed of the resampling'},
+    exit_codes={0: 'fitted (one JSON object on stdout)', 2: cli.BAD_INPUT})
 
 
 def _json_value(value):
@@ -106,10 +108,12 @@ def run(command: str, flags: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
+    if any(a in ('--help', '-h') for a in argv):
+      cli.parse(['--help'], FLAGS, HELP)
     if not argv or argv[0] not in COMMANDS:
       raise cli.UsageError(f'give a command first: {" | ".join(COMMANDS)} (e.g. '
                            'python -m routed.scaling fit --curves=PATH --router=S-Base)')
-    _, flags = cli.parse(argv[1:], FLAGS)
+    _, flags = cli.parse(argv[1:], FLAGS, HELP)
     result = run(argv[0], flags)
   except cli.UsageError as e:
     print(f'routed.scaling: {e}', file=sys.stderr)

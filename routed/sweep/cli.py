@@ -23,6 +23,17 @@ from routed import cli
 from routed.sweep import runner
 
 FLAGS = {'config': None, 'workdir': None, 'launch': 'subprocess', 'only': ''}
+HELP = cli.Help(
+    command='python -m routed.sweep', doc=__doc__,
+    flags={'config': 'a sweep config (configs/sweeps/): FILE[:VARIANT], then overrides such '
+                     'as --config.base.train.steps=100',
+           'workdir': 'the sweep directory: one run directory per point',
+           'launch': 'subprocess | inprocess | print (the commands) | collect (curves.csv only)',
+           'only': 'run only the points whose hyper_id matches this regular expression'},
+    exit_codes={0: 'every selected point finished', 1: 'some point failed', 2: cli.BAD_INPUT,
+                130: 'interrupted'},
+    reads="the sweep config's keys (routed/sweep/spec.py) and, through its base, every key "
+          'of routed/config.py')
 
 
 def log(message: str) -> None:
@@ -37,7 +48,7 @@ def _config_spec(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    sweep, flags = cli.parse(argv, FLAGS)
+    sweep, flags = cli.parse(argv, FLAGS, HELP)
     if flags['launch'] not in runner.LAUNCH_MODES:
       raise cli.UsageError(f"--launch: expected one of {', '.join(runner.LAUNCH_MODES)}, "
                            f"got {flags['launch']!r}")

@@ -31,6 +31,15 @@ from routed.sweep import collect, runner
 
 FLAGS = {'config': None, 'workdir': None, 'out': None, 'eval_capacity_factor': 0.0,
          'eval_num_batches': 0, 'only': ''}
+HELP = cli.Help(
+    command='python -m routed.sweep.reeval', doc=__doc__,
+    flags={'config': 'the sweep config, with the --config.base overrides it ran with',
+           'workdir': 'the sweep directory', 'out': 'the curves CSV to write',
+           'eval_capacity_factor': 'the evaluation capacity factor (0: as the point ran)',
+           'eval_num_batches': 'validation batches (0: as the point ran)',
+           'only': 'only the points whose hyper_id matches this regular expression'},
+    exit_codes={0: 'written', 2: cli.BAD_INPUT},
+    reads="the sweep config's keys and, through its base, every key of routed/config.py")
 
 
 def reevaluate(point: runner.Point, eval_capacity_factor: float, num_batches: int) -> dict:
@@ -56,7 +65,7 @@ def reevaluate(point: runner.Point, eval_capacity_factor: float, num_batches: in
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    sweep, flags = cli.parse(argv, FLAGS)
+    sweep, flags = cli.parse(argv, FLAGS, HELP)
     if flags['eval_capacity_factor'] < 0 or flags['eval_num_batches'] < 0:
       raise cli.UsageError('--eval_capacity_factor and --eval_num_batches must be >= 0')
     spec = [a.partition('=')[2] for a in argv if a.startswith('--config=')][-1]
