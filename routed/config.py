@@ -144,7 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.95                # AdamW beta2
   c.train.grad_clip = 1.0          # global gradient-norm clip; 0 disables
   c.train.log_every = 50           # steps between progress lines and metrics.jsonl rows
-  c.train.peak_flops = 0.0         # FLOP/s of the hardware for MFU; 0 = no MFU reported
+  c.train.peak_flops = 0.0         # FLOP/s of all the run's devices for MFU; 0 = routed/hardware.py's
+                                   # figure for the device kind (TPU, GPU; none on CPU)
   c.train.nonfinite = 'stop'       # a step whose loss or gradients are not finite is never
                                    # applied; then: stop (exit 1, nothing saved after it) |
                                    # skip (go on with the next batch; counted in train/skipped)

@@ -4,8 +4,12 @@ metrics.jsonl has one JSON object per logged step: always `step`, `train/loss` a
 `train/ce`; `eval/ce` on evaluation steps; vector metrics (per-expert load) as lists.
 A resumed run first drops rows past its checkpoint, so the file reads as one run.
 WORKDIR may be gs://: object stores cannot append, so there each write rewrites the
-file (small: one row per log line), and TensorBoard events are written for local
-workdirs only.
+file (small: one row per log line).
+
+TensorBoard events go to WORKDIR/tensorboard through clu's metric writers
+(clu.metric_writers.SummaryWriter, on TensorFlow's file system: local or gs://):
+numbers as scalars, vectors (a layer's per-expert load, its selection bias or
+thresholds) as one histogram each rather than E scalars.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ class MetricsWriter:
     self.path = workdir_path(workdir) / 'metrics.jsonl'
     self.remote = '://' in workdir
     self._tb = None
-    if enabled and not self.remote:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(workdir_path(workdir) / 'tensorboard'))
+    if enabled:
+      from routed.data.tf_env import import_tf  # pylint: disable=g-import-not-at-top
+      import_tf()   # quietly: clu's writer runs on TensorFlow's summary ops
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      self._tb = metric_writers.SummaryWriter(str(workdir_path(workdir) / 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
     """Drops rows with a step past `step` (written after the checkpoint we resume from)."""
@@ -56,17 +62,14 @@ class MetricsWriter:
     else:
       with self.path.open('a') as f:
         f.write(line)
-    if self._tb is None:
-      return
+    scalars, histograms = {}, {}
     for name, value in row.items():
-      if name == 'step':
-        continue
-      values = np.atleast_1d(np.asarray(value, dtype=np.float64))
-      if values.size == 1:
-        self._tb.add_scalar(name, values[0], step)
-      else:
-        for i, v in enumerate(values):
-          self._tb.add_scalar(f'{name}/{i}', v, step)
+      values = np.asarray(value, dtype=np.float64)
+      if name != 'step':
+        (scalars if values.size == 1 else histograms)[name] = values.reshape(-1)
+    self._tb.write_scalars(step, {k: float(v[0]) for k, v in scalars.items()})
+    if histograms:
+      self._tb.write_histograms(step, histograms)
     self._tb.flush()
 
   def close(self) -> None:

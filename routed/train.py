@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from routed import cli, distributed
+from routed import cli, distributed, hardware
 from routed.validate import validate, validate_mesh
 
 FLAGS = {'config': None, 'workdir': None, **distributed.FLAGS}
@@ -79,6 +79,7 @@ class Run:
     self.train_step = step_lib.make_train_step(graphdef, cfg, optimizer, self.layout)
     self.eval_step = step_lib.make_eval_step(graphdef, cfg, self.layout)
     self.size = model_size(cfg, self.data.vocab_size)
+    self.peak_flops = hardware.peak_flops(cfg.train.peak_flops, jax.devices())
     self.checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
                                      async_save=cfg.checkpoint.async_save)
     self.writer = MetricsWriter(workdir, enabled=self.lead)
@@ -166,6 +167,7 @@ class Run:
     # (plus init.data_offset).
     batches = self.data.train_batches(self.step + cfg.init.data_offset, t.batch_size, t.seed,
                                       self.rows)
+    first = time.perf_counter()
     with StopRequest() as stop:
       while self.step < t.steps:
         batch = self.on_mesh(next(batches), self.rows, t.batch_size)
@@ -177,6 +179,8 @@ class Run:
         if clock is None:
           # The first step includes compilation: start the clock after it.
           metrics['loss'].block_until_ready()
+          log(f'compiled train step in {time.perf_counter() - first:.1f} s (the first step, '
+              'its run included)')
           clock = (time.perf_counter(), 0)
         else:
           clock = (clock[0], clock[1] + 1)
@@ -215,8 +219,8 @@ class Run:
       tokens_per_s = steps * t.batch_size * t.seq_len / elapsed
       eta = (t.steps - self.step) * elapsed / steps
       row['train/tokens_per_s'] = tokens_per_s
-      if t.peak_flops:
-        row['train/mfu'] = tokens_per_s * self.size.train_flops_per_token / t.peak_flops
+      if self.peak_flops:
+        row['train/mfu'] = tokens_per_s * self.size.train_flops_per_token / self.peak_flops
     if do_eval:
       row.update(self.evaluate())
     self.writer.write(self.step, row)

@@ -64,6 +64,9 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(run_of_20, tmp_p
   lines = error_lines(proc.stderr)
   assert len(lines) == 1 and lines[0].startswith('routed.train: checkpoint 20 is unreadable ('), lines
   assert 'training from step 10 to 30 (resumed from checkpoint)' in proc.stderr
+  # The compile-time line comes before the first progress line.
+  after = proc.stderr.split('training from step 10 to 30')[1].splitlines()[1:]
+  assert after[0].startswith('compiled train step in ') and after[1].startswith('step '), after
   assert glob.glob(os.path.join(workdir, 'checkpoints', 'corrupt-20-*'))
   assert assert_finite_checkpoints(workdir, args) == 30
   steps = [r['step'] for r in read_metrics(workdir)]

@@ -70,7 +70,15 @@ def test_loss_falls_and_metrics_are_written(finished_run, mini_data_cfg):
   assert rows[-1]['eval/ce'] < ln_vocab - 1.0
   assert rows[-1]['train/ce'] < rows[0]['train/ce']
   assert len(rows[-1]['train/moe/layer1/expert_load']) == 4
-  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  # TensorBoard (clu's writer): numbers as scalars, the per-expert load as a histogram.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'),
+                                              size_guidance={'tensors': 0})
+  events.Reload()
+  plugin = lambda tag: events.SummaryMetadata(tag).plugin_data.plugin_name
+  assert plugin('train/loss') == 'scalars' and plugin('eval/ce') == 'scalars'
+  assert plugin('train/moe/layer1/expert_load') == 'histograms'
+  assert [e.step for e in events.Tensors('train/loss')] == [10, 15, 20, 30]
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['train']['steps'] == 30
 
@@ -177,3 +185,18 @@ def test_sigterm_saves_exits_zero_and_resumes(mini_data_cfg, tmp_path, straight_
   assert 8 <= step_at_stop < 40
   assert 'done:' not in stderr
   assert_resumes_to_straight(straight_run, stopped, args)
+
+
+def test_peak_flops_table_gives_mfu_without_a_flag():
+  import types  # pylint: disable=g-import-not-at-top
+  from routed import hardware  # pylint: disable=g-import-not-at-top
+  per = hardware.peak_flops_per_device
+  assert per('TPU v5 lite') == 197e12 and per('TPU v5p') == 459e12 and per('TPU v5') == 459e12
+  assert per('TPU v6 lite') == 918e12 and per('TPU v4') == 275e12
+  assert per('NVIDIA H100 80GB HBM3') == 989e12 and per('NVIDIA H100 PCIe') == 756e12
+  assert per('NVIDIA H200') == 989e12 and per('NVIDIA A100-SXM4-80GB') == 312e12
+  assert per('cpu') == 0.0
+  chips = [types.SimpleNamespace(device_kind='TPU v5 lite')] * 8
+  assert hardware.peak_flops(0.0, chips) == 8 * 197e12
+  assert hardware.peak_flops(1e15, chips) == 1e15          # train.peak_flops wins
+  assert hardware.peak_flops(0.0, [types.SimpleNamespace(device_kind='cpu')]) == 0.0
