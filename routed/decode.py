@@ -72,20 +72,29 @@ def init_cache(cfg, batch: int) -> dict:
 
 def sample_logits(logits, key, temperature, top_k, top_p):
   """logits float32 [B, V] -> token ids int32 [B]; temperature, top_k, top_p scalars
-  (traced: one compiled function serves every setting)."""
-  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]                     # [B, V] descending
-  v = logits.shape[-1]
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-  kth = jnp.take(sorted_logits, k - 1, axis=-1)[:, None]                 # [B, 1]
-  scaled = logits / jnp.maximum(temperature, 1e-6)
-  probs = jax.nn.softmax(jnp.sort(scaled, axis=-1)[:, ::-1], axis=-1)
-  # The nucleus: a token stays if the probability above it is still short of top_p.
-  before = jnp.cumsum(probs, axis=-1) - probs
-  last = jnp.sum(before < top_p, axis=-1) - 1                            # index of the cut
-  cut = jnp.take_along_axis(sorted_logits, jnp.maximum(last, 0)[:, None], axis=-1)
-  keep = (logits >= kth) & (logits >= cut)
-  sampled = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
-  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+  (traced: one compiled function serves every setting). top_k applies first, then
+  top_p over what it kept (renormalised), as transformers' samplers do. Only the work
+  a setting needs runs (lax.cond): greedy is an argmax, and the sort over V that the
+  filters need is skipped without them."""
+  def filtered(scaled):
+    v = scaled.shape[-1]
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]                         # [B, V] descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    ordered = jnp.where(jnp.arange(v) < k, ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # The nucleus: a token stays if the probability above it is still short of top_p.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    last = jnp.minimum(jnp.sum(before < top_p, axis=-1), k) - 1           # the cut's index
+    cut = jnp.take_along_axis(ordered, jnp.maximum(last, 0)[:, None], axis=-1)
+    return jnp.where(scaled >= cut, scaled, -jnp.inf)
+
+  def sample(_):
+    scaled = logits / temperature
+    scaled = jax.lax.cond((top_k > 0) | (top_p < 1), filtered, lambda s: s, scaled)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(temperature > 0, sample,
+                      lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32), None)
 
 
 def make_functions(graphdef):

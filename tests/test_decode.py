@@ -121,6 +121,15 @@ def test_sampling_filters_by_hand():
   # top_p 0.7: 0.5 alone falls short, 0.5 + 0.3 reaches it: the two most likely.
   np.testing.assert_allclose(seen(1.0, 0, 0.7), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.04)
   np.testing.assert_allclose(seen(1.0, 0, 1.0), [0.5, 0.3, 0.15, 0.05], atol=0.04)
+  # top_k 3 then top_p 0.9 over the renormalised three (0.53, 0.32, 0.16): 0.53 + 0.32
+  # falls short, so all three stay (top_p alone, 0.5 + 0.3 + 0.15 = 0.95, would too).
+  np.testing.assert_allclose(seen(1.0, 3, 0.9), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0],
+                             atol=0.04)
+  # top_k 3 then top_p 0.8: 0.53 + 0.32 = 0.84 reaches it: two stay (top_p alone: two).
+  np.testing.assert_allclose(seen(1.0, 3, 0.8), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.04)
+  # top_k 2 then top_p 0.6: renormalised, the first holds 0.625 >= 0.6 and stays alone
+  # (over the full distribution it would hold 0.5 and take the second along).
+  assert seen(1.0, 2, 0.6)[0] == 1
   # Temperature 0.5 squares the probabilities (before normalising).
   sq = np.array([0.5, 0.3, 0.15, 0.05]) ** 2
   np.testing.assert_allclose(seen(0.5, 0, 1.0), sq / sq.sum(), atol=0.04)
