@@ -25,7 +25,8 @@ of one; recomputing, the capacity is raised until nothing can drop), so the two 
 compute the same function. Hash routes by token id. Mixture-of-Depths blocks and
 causal expert choice decide each token by their causal rules, and a Mixture-of-
 Depths block's cache holds only the tokens it processed. Models that are not causal
-in evaluation (expert choice without its causal rule, Soft MoE, S-BASE) cannot decode.
+in evaluation (expert choice without its causal rule, Soft MoE) cannot decode; S-BASE
+and RL-R route by token choice at evaluation and decode like it.
 
 Sampling: temperature 0 is greedy; otherwise the logits / temperature, restricted to
 the top_k largest (0: all) and to the smallest set whose probability reaches top_p

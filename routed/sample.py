@@ -9,7 +9,7 @@ batch) token by token with the model in evaluation mode (routed/decode.py):
 token-choice MoE layers route each token alone and drop nothing for capacity,
 Mixture-of-Depths blocks and causal expert choice decide by their causal rules. A
 model that is not causal in that mode (expert choice without moe.causal_rule, Soft
-MoE, S-BASE: they rank or mix the whole sequence) cannot generate and is refused with
+MoE: they rank or mix the whole sequence) cannot generate and is refused with
 one line and exit status 2, like every other usage error.
 
 Decoding keeps a key/value cache per attention layer (--kv_cache, the default): the

@@ -64,13 +64,15 @@ CAUSAL = {
     'switch': ('switch_base.py:tiny', {}),
     'topk': ('switch_base.py:tiny', {'moe__router': 'topk', 'moe__top_k': 2}),
     'hash': ('switch_base.py:tiny', {'moe__router': 'hash'}),
+    'reinforce': ('switch_base.py:tiny', {'moe__router': 'reinforce'}),
+    'sbase': ('switch_base.py:tiny', {'moe__router': 'sbase'}),   # token choice at eval
     'mod': ('mod_base.py:tiny', {}),
     'mode': ('mode_base.py:tiny', {}),
     'expert_choice_causal': ('expert_choice_base.py:tiny', {'moe__causal_rule': 'threshold'}),
     'mixtral_gqa': ('mixtral_like.py:tiny', {'model__num_kv_heads': 2}),
     'scanned_mode': ('mode_base.py:tiny', {'model__scan_layers': True}),
 }
-SLOW = ('expert_choice_causal', 'scanned_mode', 'topk')
+SLOW = ('expert_choice_causal', 'scanned_mode', 'topk', 'reinforce', 'sbase')
 
 
 @pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
