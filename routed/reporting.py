@@ -41,16 +41,20 @@ class MetricsWriter:
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
       self._tb = metric_writers.SummaryWriter(str(workdir_path(workdir) / 'tensorboard'))
 
-  def truncate_after(self, step: int) -> None:
-    """Drops rows with a step past `step` (written after the checkpoint we resume from)."""
+  def truncate_after(self, step: int) -> int:
+    """Drops rows with a step past `step` (written after the checkpoint we resume from),
+    and rows that do not parse: what a process killed in the middle of a write leaves
+    at the end of the file. Returns how many rows did not parse."""
     if not self.enabled or not self.path.exists():
-      return
+      return 0
     rows = [line + '\n' for line in self.path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)['step'] <= step]
+    parsed = [_row_step(line) for line in rows]
+    kept = [line for line, s in zip(rows, parsed) if s is not None and s <= step]
     if len(kept) != len(rows):
       tmp = self.path.parent / (self.path.name + '.tmp')
       tmp.write_text(''.join(kept))
       tmp.replace(self.path)
+    return sum(s is None for s in parsed)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -75,6 +79,15 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _row_step(line: str) -> int | None:
+  """A metrics.jsonl row's step, or None when the row is torn (not a whole JSON row)."""
+  try:
+    row = json.loads(line)
+    return int(row['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def format_duration(seconds: float) -> str:

@@ -3,7 +3,8 @@
   python -m routed.train --config=configs/switch_base.py:tiny --workdir=runs/quickstart
 
 Running the same command again resumes from the last checkpoint in WORKDIR, and does
-nothing more if the run already finished. Outputs in WORKDIR: config.json,
+nothing more if the run already finished; a resumed run must keep the settings it was
+trained with (routed/config_change.py: --allow_config_change=KEY,... to change others). Outputs in WORKDIR: config.json,
 metrics.jsonl, tensorboard/, checkpoints/<step>/. Several processes join one job with
 --coordinator/--num_processes/--process_id (routed/distributed.py). Exit status: 0
 finished, or stopped by SIGTERM after saving a checkpoint; 1 a non-finite step
@@ -12,6 +13,7 @@ failure is one line on stderr."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -21,11 +23,13 @@ import numpy as np
 from routed import cli, distributed, hardware
 from routed.validate import validate, validate_mesh
 
-FLAGS = {'config': None, 'workdir': None, **distributed.FLAGS}
+FLAGS = {'config': None, 'workdir': None, 'allow_config_change': '', **distributed.FLAGS}
 HELP = cli.Help(
     command='python -m routed.train', doc=__doc__,
     flags={'config': 'the config: FILE[:VARIANT], then --config.KEY=VALUE overrides',
            'workdir': 'the run directory (local or gs://): resumed when it has checkpoints',
+           'allow_config_change': 'KEY,... that may differ from the resumed run\'s '
+                                  'config.json (routed/config_change.py); recorded there',
            **distributed.FLAG_HELP},
     exit_codes={0: 'finished, or stopped by SIGTERM after saving a checkpoint',
                 1: 'a non-finite step (train.nonfinite=stop) or a checkpoint that could '
@@ -54,7 +58,7 @@ def mean_metrics(history: list[dict], prefix: str) -> dict:
 class Run:
   """One training run in a workdir: model, optimizer, data, checkpoints, metrics."""
 
-  def __init__(self, cfg, workdir: str):
+  def __init__(self, cfg, workdir: str, config_json: str | None = None):
     # Heavy imports here, after the command line and config were checked.
     import jax  # pylint: disable=g-import-not-at-top
     from routed import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -101,9 +105,12 @@ class Run:
         raise
       log(f'routed.train: parameters from {cfg.init.from_checkpoint}' +
           (' (sparse upcycling)' if cfg.init.upcycle else ''))
-    self.writer.truncate_after(self.step)
+    torn = self.writer.truncate_after(self.step)
+    if torn:
+      log(f'routed.train: dropped {torn} torn row(s) of {workdir}/metrics.jsonl (a write cut '
+          'short by a kill); the rows up to the checkpoint are intact', always=True)
     if self.lead:
-      (workdir_path(workdir) / 'config.json').write_text(cfg.to_json(indent=2))
+      (workdir_path(workdir) / 'config.json').write_text(config_json or cfg.to_json(indent=2))
     self._eval_batches = None
     self.preempted = False
     # This process reads only the rows of each batch that its devices hold.
@@ -238,27 +245,39 @@ class Run:
     self.writer.close()
 
 
-def finished_step(cfg, workdir: str) -> int | None:
-  """The latest checkpoint's step if it is already cfg.train.steps or more, else None."""
+def latest_step(cfg, workdir: str) -> int | None:
+  """The step of the newest checkpoint in workdir, or None."""
   from routed.checkpoint import Checkpointer, workdir_path  # pylint: disable=g-import-not-at-top
   if not (workdir_path(workdir) / 'checkpoints').is_dir():
     return None
   checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=False)
   try:
-    latest = checkpointer.latest_step()
+    return checkpointer.latest_step()
   finally:
     checkpointer.close()
-  return latest if latest is not None and latest >= cfg.train.steps else None
 
 
-def run(cfg, workdir: str) -> dict:
+def config_text(cfg, workdir: str, step: int | None, allow_change: str = '') -> str:
+  """What WORKDIR/config.json will hold. Resuming (checkpoints present), the command's
+  config must match the recorded one (routed/config_change.py): UsageError otherwise."""
+  from routed import config_change  # pylint: disable=g-import-not-at-top
+  from routed.checkpoint import workdir_path  # pylint: disable=g-import-not-at-top
+  path = workdir_path(workdir) / 'config.json'
+  if step is None or not path.exists():
+    return cfg.to_json(indent=2)
+  return config_change.check(cfg, path.read_text(), step, allow_change)
+
+
+def run(cfg, workdir: str, allow_config_change: str = '') -> dict:
   """Trains (or resumes) the run in workdir; returns the last logged metrics."""
-  done = finished_step(cfg, workdir)
-  if done is not None:
+  step = latest_step(cfg, workdir)
+  # Before anything in the workdir is read for real or moved.
+  text = config_text(cfg, workdir, step, allow_config_change)
+  if step is not None and step >= cfg.train.steps:
     # Nothing to do: say so without loading data or building the model.
-    log(f'{workdir}: already finished ({done}/{cfg.train.steps} steps); nothing to do')
+    log(f'{workdir}: already finished ({step}/{cfg.train.steps} steps); nothing to do')
     return {}
-  training = Run(cfg, workdir)
+  training = Run(cfg, workdir, config_json=text)
   try:
     row = training.train()
   finally:
@@ -282,8 +301,12 @@ def main(argv: list[str] | None = None) -> int:
   from routed.checkpoint import SaveError  # pylint: disable=g-import-not-at-top
   from routed.data import DataError  # pylint: disable=g-import-not-at-top
   from routed.preemption import NonFiniteError  # pylint: disable=g-import-not-at-top
+  from routed import workdir_lock  # pylint: disable=g-import-not-at-top
   try:
-    final = run(cfg, flags['workdir'])
+    # Process 0 holds the workdir for the job (the others share it through it).
+    with (workdir_lock.hold(flags['workdir'], '.train.lock', 'routed.train')
+          if jax.process_index() == 0 else contextlib.nullcontext()):
+      final = run(cfg, flags['workdir'], flags['allow_config_change'])
   except (DataError, cli.UsageError) as e:
     log(f'routed.train: {e}', always=True)
     return 2

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import shlex
@@ -39,7 +38,7 @@ import sys
 import time
 import traceback
 
-from routed import cli
+from routed import cli, workdir_lock
 from routed.scaling.curves import write_curves
 from routed.sweep import collect, spec
 
@@ -152,16 +151,9 @@ def write_sweep_curves(points: list[Point], workdir: str,
   return path, finished
 
 
-@contextlib.contextmanager
 def sweep_lock(workdir: str):
   """Holds DIR/.sweep.lock: two sweeps running the same points would corrupt them."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, '.sweep.lock'), 'w') as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise cli.UsageError(f'--workdir: another routed.sweep is running in {workdir}') from None
-    yield
+  return workdir_lock.hold(workdir, '.sweep.lock', 'routed.sweep')
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,102 @@
+"""A resumed run must be the run that wrote its checkpoints (routed/config_change.py)."""
+
+import hashlib
+import json
+import os
+
+from routed.train import main as train_main
+from test_train import read_metrics, tiny_args
+
+
+def snapshot(workdir):
+  """{relative path: sha256} of every file in workdir but the lock (whose holder's name
+  each trainer writes)."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      if name == '.train.lock':
+        continue
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def test_a_changed_shape_on_resume_is_refused_and_nothing_moves(mini_data_cfg, tmp_path, capsys):
+  workdir = str(tmp_path / 'run')
+  base = {'train.steps': 10, 'checkpoint.every_steps': 5, 'eval.every_steps': 0}
+  assert train_main(tiny_args(mini_data_cfg, workdir, **base)) == 0
+  before = snapshot(workdir)
+  capsys.readouterr()
+  changed = dict(base, **{'train.steps': 15, 'moe.num_experts': 16, 'train.seed': 3})
+  assert train_main(tiny_args(mini_data_cfg, workdir, **changed)) == 2
+  err = capsys.readouterr().err.strip()
+  assert '\n' not in err, err
+  assert 'moe.num_experts (4 -> 16)' in err and 'train.seed (0 -> 3)' in err, err
+  assert '--allow_config_change=moe.num_experts,train.seed' in err, err
+  assert 'train.steps' not in err.split('settings:')[1].split(';')[0]   # may change
+  assert snapshot(workdir) == before     # no checkpoint set aside, no file rewritten
+
+
+def test_an_allowed_change_is_recorded_with_its_step(mini_data_cfg, tmp_path, capsys):
+  workdir = str(tmp_path / 'run')
+  base = {'train.steps': 10, 'checkpoint.every_steps': 5, 'eval.every_steps': 0}
+  assert train_main(tiny_args(mini_data_cfg, workdir, **base)) == 0
+  more = dict(base, **{'train.steps': 15, 'train.learning_rate': 1e-4, 'train.log_every': 5})
+  args = tiny_args(mini_data_cfg, workdir, **more) + [
+      '--allow_config_change=train.learning_rate']
+  assert train_main(args) == 0
+  assert 'training from step 10 to 15 (resumed from checkpoint)' in capsys.readouterr().err
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['config_changes'] == [{'step': 10, 'changes': {
+      'train.learning_rate': [0.003, 0.0001]}}]
+  assert saved['train']['learning_rate'] == 1e-4 and saved['train']['steps'] == 15
+  assert [r['step'] for r in read_metrics(workdir)][-1] == 15
+  # The record survives further resumes, and the recorded config now reads as 1e-4.
+  assert train_main(tiny_args(mini_data_cfg, workdir, **dict(more, **{'train.steps': 20}))) == 0
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['config_changes'][0]['step'] == 10
+
+
+def test_a_torn_metrics_row_is_dropped_on_resume(mini_data_cfg, tmp_path, capsys):
+  """What a kill during a write leaves: a half row at the end of metrics.jsonl."""
+  workdir = str(tmp_path / 'run')
+  base = {'train.steps': 10, 'checkpoint.every_steps': 5, 'eval.every_steps': 0,
+          'train.log_every': 5}
+  assert train_main(tiny_args(mini_data_cfg, workdir, **base)) == 0
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 12')
+  capsys.readouterr()
+  assert train_main(tiny_args(mini_data_cfg, workdir, **dict(base, **{'train.steps': 15}))) == 0
+  err = capsys.readouterr().err
+  assert 'dropped 1 torn row(s)' in err, err
+  assert [r['step'] for r in read_metrics(workdir)] == [5, 10, 15]
+
+
+def test_a_second_trainer_on_a_workdir_is_refused(mini_data_cfg, tmp_path, capsys):
+  """The first holds WORKDIR/.train.lock; the second exits 2 naming it, touching nothing."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  args = tiny_args(mini_data_cfg, workdir, **{'train.steps': 100000, 'eval.every_steps': 0,
+                                                'checkpoint.every_steps': 100000,
+                                                'train.log_every': 1})
+  first = subprocess.Popen([sys.executable, '-m', 'routed.train', *args],
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    # Training (a metrics row written): the lock is held, and SIGTERM saves and exits 0.
+    deadline = time.time() + 180
+    while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and time.time() < deadline:
+      time.sleep(0.2)
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert '\n' not in err and 'another routed.train is running' in err, err
+    assert f'pid {first.pid} on host {socket.gethostname()}' in err, err
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=300)
+  assert first.returncode == 0
