@@ -103,11 +103,17 @@ def main(argv=None) -> int:
     print(f'mup_transfer.py: {e}', file=sys.stderr)
     return 2
   workdir = flags['workdir'] or tempfile.mkdtemp(prefix='mup_transfer_')
+  os.makedirs(workdir, exist_ok=True)
   base_width = min(widths)
   results, seconds = {}, {}
   for p in parametrizations:
     for w in widths:
       for lr in lrs:
+        if p == 'mup' and w == base_width and ('standard', w, lr) in results:
+          # At the base width μP is the standard parametrization (same init, rates and
+          # logits: tests/test_recipes.py), so the run would repeat the standard one.
+          results[(p, w, lr)], seconds[(p, w, lr)] = results[('standard', w, lr)], 0.0
+          continue
         c = make_config(p, w, base_width, lr, flags['steps'], flags['eval_batches'],
                         flags['task'], flags['vocab_size'])
         run_dir = os.path.join(workdir, f'{p}_d{w}_lr{lr:g}')
