@@ -72,7 +72,9 @@ CAUSAL = {
     'mixtral_gqa': ('mixtral_like.py:tiny', {'model__num_kv_heads': 2}),
     'scanned_mode': ('mode_base.py:tiny', {'model__scan_layers': True}),
 }
-SLOW = ('expert_choice_causal', 'scanned_mode', 'topk', 'reinforce', 'sbase')
+# The full suite runs these too; the quick set keeps one of each kind (token choice,
+# MoD, GQA), and tests/test_sample.py decodes a trained MoDE both ways.
+SLOW = ('expert_choice_causal', 'scanned_mode', 'topk', 'reinforce', 'sbase', 'hash', 'mode')
 
 
 @pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
