@@ -25,6 +25,7 @@ import shutil
 import sys
 
 from routed import cli
+from routed.sample import NonFiniteParams
 
 FLAGS = {'workdir': None, 'out': None, 'format': 'hf', 'overwrite': False}
 FORMATS = ('hf',)
@@ -34,7 +35,8 @@ HELP = cli.Help(
            'out': 'the directory to write the Hugging Face model into',
            'format': 'hf (transformers: config.json, model.safetensors, tokenizer)',
            'overwrite': 'replace a model already in --out'},
-    exit_codes={0: 'written', 2: cli.BAD_INPUT + '; also a model transformers cannot express'},
+    exit_codes={0: 'written', 1: 'the checkpoint holds non-finite parameters',
+                2: cli.BAD_INPUT + '; also a model transformers cannot express'},
     reads="WORKDIR/config.json, the run's own: the model and moe keys, the data keys (its "
           'tokenizer)')
 
@@ -126,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
   except cli.UsageError as e:
     log(f'routed.export: {e}')
     return 2
+  except NonFiniteParams as e:
+    log(f'routed.export: {e}')
+    return 1
   config = export_hf(cfg, flat_params(params), data.vocab_size, data.vocab_path, out)
   size = os.path.getsize(os.path.join(out, 'model.safetensors')) / 2**20
   log(f"checkpoint step {step} -> {out}: {config['architectures'][0]} ({size:.1f} MiB, "

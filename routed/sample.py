@@ -41,7 +41,8 @@ HELP = cli.Help(
            'top_p': 'sample among the most likely tokens holding this probability (1: all)',
            'seed': 'random seed of the sampling', 'kv_cache': 'decode against a key/value '
            'cache (false: recompute the window for every token)'},
-    exit_codes={0: 'generated', 2: cli.BAD_INPUT + '; also a model that is not causal'},
+    exit_codes={0: 'generated', 1: 'the checkpoint holds non-finite parameters',
+                2: cli.BAD_INPUT + '; also a model that is not causal'},
     reads='WORKDIR/config.json, the run\'s own: the model, moe and mod keys, train.seq_len '
           '(the cache length) and the data keys (its tokenizer)')
 
@@ -78,9 +79,15 @@ def check_causal(cfg) -> None:
     raise cli.UsageError('the Mixture-of-Depths blocks are not causal in sampling mode')
 
 
+class NonFiniteParams(Exception):
+  """The checkpoint's parameters hold nan or inf: there is no model to sample from."""
+
+
 def load_params(cfg, workdir: str, vocab_size: int):
-  """(graphdef, params, routing, step) of the newest checkpoint in workdir; routing is
-  its routing state (routed/routing_state.py)."""
+  """(graphdef, params, routing, step) of the newest checkpoint in workdir that reads
+  back (an unreadable one is reported in one line and the one before it used, nothing
+  moved: sampling only reads); routing is its routing state (routed/routing_state.py).
+  Raises NonFiniteParams when its parameters are not all finite."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from routed import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -92,14 +99,30 @@ def load_params(cfg, workdir: str, vocab_size: int):
   params = nnx.to_pure_dict(state)
   ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=False)
   try:
-    latest = ckpt.latest_step()
-    if latest is None:
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    if not steps:
       raise cli.UsageError(f'--workdir: {workdir} has no checkpoint yet')
     opt_like = jax.eval_shape(step_lib.optimizer_for(cfg, vocab_size).init, params)
-    params, _, _, routing = ckpt.restore(latest, params, opt_like, init_state(cfg))
+    for step in steps:
+      try:
+        restored, _, _, routing = ckpt.restore(step, params, opt_like, init_state(cfg))
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        from routed.checkpoint import one_line  # pylint: disable=g-import-not-at-top
+        log(f'routed.sample: checkpoint {step} is unreadable ({one_line(e)}); trying the '
+            'one before')
+    else:
+      raise cli.UsageError(f'--workdir: no checkpoint in {workdir} reads back with its '
+                           'config.json (another model?)')
   finally:
     ckpt.close()
-  return graphdef, params, routing, latest
+  from routed.init_from import flatten  # pylint: disable=g-import-not-at-top
+  bad = next((name for name, leaf in flatten(restored).items()
+              if not bool(jax.numpy.isfinite(leaf).all())), None)
+  if bad:
+    raise NonFiniteParams(f'checkpoint {step} in {workdir} holds non-finite values (nan or '
+                          f'inf) in {bad}: there is no model to sample from')
+  return graphdef, restored, routing, step
 
 
 def read_prompts(flags) -> list[str]:
@@ -122,8 +145,9 @@ def read_prompts(flags) -> list[str]:
 def check_flags(flags) -> None:
   if flags['max_new_tokens'] < 1:
     raise cli.UsageError(f"--max_new_tokens: must be >= 1, got {flags['max_new_tokens']}")
-  if flags['temperature'] < 0:
-    raise cli.UsageError(f"--temperature: must be >= 0, got {flags['temperature']}")
+  if not flags['temperature'] >= 0 or flags['temperature'] == float('inf'):   # nan too
+    raise cli.UsageError(f"--temperature: must be a finite number >= 0, got "
+                         f"{flags['temperature']}")
   if flags['top_k'] < 0:
     raise cli.UsageError(f"--top_k: must be >= 0 (0: no limit), got {flags['top_k']}")
   if not 0 < flags['top_p'] <= 1:
@@ -161,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
   except cli.UsageError as e:
     log(f'routed.sample: {e}')
     return 2
+  except NonFiniteParams as e:
+    log(f'routed.sample: {e}')
+    return 1
   from routed import decode  # pylint: disable=g-import-not-at-top
   from routed.model.transformer import routing_mode  # pylint: disable=g-import-not-at-top
   log(f'checkpoint step {step} | {routing_mode(cfg, train=False)} | '

@@ -195,13 +195,14 @@ class Run:
         is_last = self.step == t.steps
         preempted = stop.requested(self.step)
         do_eval = cfg.eval.every_steps > 0 and (self.step % cfg.eval.every_steps == 0 or is_last)
+        # Saved before the evaluation: a failing evaluation must not cost the steps.
+        if self.step % cfg.checkpoint.every_steps == 0 or is_last or preempted:
+          watch.check()  # never save a run that should have stopped
+          self.save()
         if self.step % t.log_every == 0 or do_eval or is_last or preempted:
           watch.check()
           row = self.log_row(history or [metrics], clock, do_eval and not preempted)
           history, clock = [], (time.perf_counter(), 0)
-        if self.step % cfg.checkpoint.every_steps == 0 or is_last or preempted:
-          watch.check()  # never save a run that should have stopped
-          self.save()
         if preempted:
           self.checkpointer.wait()
           log(f'routed.train: SIGTERM: saved checkpoint {self.step} and stopped; run the same '

@@ -7,6 +7,7 @@ config key (or path) and what is wrong; the entry points print it and exit with 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 
@@ -291,10 +292,24 @@ def validate_mesh(cfg, num_devices: int) -> None:
           f'{experts} experts{fine} do not split over mesh.expert={expert} devices')
 
 
+def validate_finite(cfg) -> None:
+  """No config number is inf or nan: none of them means 'unlimited' (a capacity factor
+  of E, say, already drops nothing), and one that reached the model would fail deep in
+  it (an OverflowError computing a capacity, a NaN loss)."""
+  def walk(node, prefix):
+    for key, value in node.items():
+      if hasattr(value, 'items'):
+        walk(value, f'{prefix}{key}.')
+      elif isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f'config key {prefix}{key}: must be a finite number, got {value}')
+  walk(cfg, '')
+
+
 def validate(cfg, workdir: str | None = None) -> None:
   """Raises UsageError for the first problem found in cfg (and the workdir)."""
   # Imported here: routed.data pulls in the data stack only when it must.
   from routed.data import DataError, check_data_config  # pylint: disable=g-import-not-at-top
+  validate_finite(cfg)
   validate_model(cfg)
   validate_training(cfg)
   validate_init(cfg)

@@ -1,4 +1,7 @@
-"""A resumed run must be the run that wrote its checkpoints (routed/config_change.py)."""
+"""Operator mistakes and their damage, as a long run meets them: a changed config on
+resume (routed/config_change.py), two trainers on one workdir, a torn metrics row,
+non-finite settings, NaN or unreadable checkpoints when sampling. Real processes and
+files, as tests/test_faults.py."""
 
 import hashlib
 import json
@@ -100,3 +103,60 @@ def test_a_second_trainer_on_a_workdir_is_refused(mini_data_cfg, tmp_path, capsy
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=300)
   assert first.returncode == 0
+
+
+def test_non_finite_config_numbers_are_one_line(mini_data_cfg, tmp_path, capsys):
+  for key in ('moe.capacity_factor', 'moe.eval_capacity_factor', 'train.learning_rate'):
+    for value in ('inf', 'nan'):
+      args = tiny_args(mini_data_cfg, str(tmp_path / 'run'), **{key: value})
+      assert train_main(args) == 2
+      err = capsys.readouterr().err.strip()
+      assert '\n' not in err and f'config key {key}: must be a finite number' in err, err
+  assert not (tmp_path / 'run').exists()
+
+
+def test_sample_refuses_a_nan_temperature(capsys):
+  from routed.sample import main as sample_main  # pylint: disable=g-import-not-at-top
+  for value in ('nan', 'inf', '-1'):
+    assert sample_main(['--workdir=/tmp', '--prompt=x', f'--temperature={value}']) == 2
+    assert '--temperature: must be a finite number >= 0' in capsys.readouterr().err
+
+
+def test_sample_reports_non_finite_parameters_and_skips_an_unreadable_checkpoint(
+    mini_data_cfg, tmp_path, capsys):
+  """NaN weights: exit 1 naming the parameter. A truncated newest checkpoint: one line,
+  the one before it is sampled, nothing moved."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from routed.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from routed.sample import main as sample_main  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  base = {'train.steps': 10, 'checkpoint.every_steps': 5, 'eval.every_steps': 0,
+          'checkpoint.keep': 3}
+  assert train_main(tiny_args(mini_data_cfg, workdir, **base)) == 0
+  files = [f for f in glob.glob(os.path.join(workdir, 'checkpoints', '10', 'state', '**'),
+                                recursive=True) if os.path.isfile(f)]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, 'r+b') as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  capsys.readouterr()
+  argv = [f'--workdir={workdir}', '--prompt=import os', '--max_new_tokens=3',
+          '--temperature=0']
+  assert sample_main(argv) == 0
+  err = capsys.readouterr().err
+  assert 'checkpoint 10 is unreadable' in err and 'checkpoint step 5' in err, err
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '10'))    # not moved
+  # A checkpoint whose parameters hold a NaN.
+  nan_dir = str(tmp_path / 'nan')
+  assert train_main(tiny_args(mini_data_cfg, nan_dir, **dict(base, **{'train.steps': 5}))) == 0
+  ckpt = Checkpointer(nan_dir, keep=3, async_save=False)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  state = ocp.StandardCheckpointer().restore(os.path.join(ckpt.directory, '5', 'state'))
+  state['params']['embed'] = np.full_like(np.asarray(state['params']['embed']), np.nan)
+  routing = state.get('routing')
+  ckpt.save(6, state['params'], state['opt_state'], {'seed': 0}, routing)
+  ckpt.close()
+  capsys.readouterr()
+  assert sample_main([f'--workdir={nan_dir}', '--prompt=import os', '--max_new_tokens=3']) == 1
+  err = capsys.readouterr().err.strip()
+  assert '\n' not in err and 'non-finite values' in err and 'embed' in err, err
