@@ -194,3 +194,15 @@ def test_killed_sweep_resumes_and_writes_curves(tmp_path, mini_data_dir, capsys)
   assert sweep_cli.main(args + ['--config.base.train.learning_rate=0.5']) == 2
   err = capsys.readouterr().err
   assert 'train.learning_rate' in err and err.count('\n') == 1
+
+
+def test_a_garbage_point_config_is_one_line(tmp_path, capsys):
+  """A point directory whose config.json is not JSON (a torn write, an editor accident)."""
+  point = tmp_path / 'dense-cpu-s'
+  point.mkdir()
+  (point / 'config.json').write_text('{"model": {"d_model": 12')
+  argv = [f'--config={UNIFIED}:cpu', f'--workdir={tmp_path}', '--launch=print']
+  assert sweep_cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'config.json does not read as JSON' in err, err
+  assert (point / 'config.json').read_text() == '{"model": {"d_model": 12'

@@ -118,8 +118,13 @@ def plan(sweep, sweep_spec: str, workdir: str, *, check_data: bool = True) -> li
                            'with routed.sweep.spec.select_variant?')
     config_json = os.path.join(point_dir, 'config.json')
     if os.path.exists(config_json):
-      with open(config_json) as f:
-        previous = json.load(f)
+      try:
+        with open(config_json) as f:
+          previous = json.load(f)
+      except (ValueError, UnicodeDecodeError) as e:
+        raise cli.UsageError(f'point {hyper_id}: {config_json} does not read as JSON ({e}); '
+                             'it should be the config routed.train wrote there: restore it, or '
+                             'delete that directory to rerun the point') from None
       # Keys that exist on one side only (added to routed/config.py since) are not compared.
       there = spec.flatten(_to_configdict(previous))
       difference = _first_difference({k: v for k, v in wanted.items() if k in there},
