@@ -90,6 +90,11 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     config = module.get_config(variant) if variant else module.get_config()
   except (ValueError, KeyError, TypeError) as e:
     raise UsageError(f'--config: {spec}: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except  # a user file: report, don't crash
+    raise UsageError(f'--config: {spec}: get_config raised {type(e).__name__}: {e}') from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UsageError(f'--config: {spec}: get_config returned a {type(config).__name__}, not '
+                     'an ml_collections.ConfigDict (start from routed.config.base_config())')
   config.lock()  # overrides may change keys, never add them
   return config
 

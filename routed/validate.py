@@ -292,6 +292,20 @@ def validate_mesh(cfg, num_devices: int) -> None:
           f'{experts} experts{fine} do not split over mesh.expert={expert} devices')
 
 
+def validate_structure(cfg) -> None:
+  """Every group and key of routed/config.py is there (a config file builds on
+  base_config()); the first missing one is named."""
+  from routed.config import base_config  # pylint: disable=g-import-not-at-top
+  from routed.config_change import flatten  # pylint: disable=g-import-not-at-top
+  have = set(flatten(json.loads(cfg.to_json())))
+  for key in flatten(json.loads(base_config().to_json())):
+    if key not in have:
+      group = key.split('.')[0]
+      what = f'group {group}' if not any(k.startswith(group + '.') for k in have) else f'key {key}'
+      raise UsageError(f'config {what} is missing (a config file starts from '
+                       'routed.config.base_config() and changes its values)')
+
+
 def validate_finite(cfg) -> None:
   """No config number is inf or nan: none of them means 'unlimited' (a capacity factor
   of E, say, already drops nothing), and one that reached the model would fail deep in
@@ -309,6 +323,7 @@ def validate(cfg, workdir: str | None = None) -> None:
   """Raises UsageError for the first problem found in cfg (and the workdir)."""
   # Imported here: routed.data pulls in the data stack only when it must.
   from routed.data import DataError, check_data_config  # pylint: disable=g-import-not-at-top
+  validate_structure(cfg)
   validate_finite(cfg)
   validate_model(cfg)
   validate_training(cfg)

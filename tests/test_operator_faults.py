@@ -160,3 +160,22 @@ def test_sample_reports_non_finite_parameters_and_skips_an_unreadable_checkpoint
   assert sample_main([f'--workdir={nan_dir}', '--prompt=import os', '--max_new_tokens=3']) == 1
   err = capsys.readouterr().err.strip()
   assert '\n' not in err and 'non-finite values' in err and 'embed' in err, err
+
+
+def test_a_config_file_that_fails_in_any_way_is_one_line(tmp_path, capsys):
+  """get_config raising anything, returning a plain dict, or lacking a group."""
+  cases = {
+      'raises.py': ('def get_config():\n  raise RuntimeError("no GPU here")\n',
+                    'get_config raised RuntimeError: no GPU here'),
+      'plain.py': ('def get_config():\n  return {"model": {}}\n',
+                   'returned a dict, not an ml_collections.ConfigDict'),
+      'nogroup.py': ('from routed.config import base_config\n'
+                     'def get_config():\n  c = base_config()\n  del c["moe"]\n  return c\n',
+                     'config group moe is missing'),
+  }
+  for name, (text, message) in cases.items():
+    (tmp_path / name).write_text(text)
+    assert train_main([f'--config={tmp_path / name}', f'--workdir={tmp_path / "w"}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert '\n' not in err and message in err, (name, err)
+  assert not (tmp_path / 'w').exists()
