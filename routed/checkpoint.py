@@ -21,6 +21,8 @@ Nothing already written is ever lost:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import sys
 import time
@@ -81,6 +83,29 @@ def one_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
 
 
+@contextlib.contextmanager
+def quiet_abandoned_reads():
+  """Silences what a failed restore leaves behind: when one array of a checkpoint cannot
+  be read, Orbax abandons its other reads, and Python reports each abandoned coroutine
+  with a traceback as it is collected ("Exception ignored in: <coroutine ...>", 0-10 per
+  failed restore) although the failure was already reported in one line. Other
+  unraisable errors still reach the previous hook."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)
+    if code is not None and 'orbax' in code.co_filename:
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()   # collect the abandoned reads while the hook is still ours
+    sys.unraisablehook = previous
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints of a run; saves asynchronously if asked."""
 
@@ -128,6 +153,10 @@ class Checkpointer:
     """(step, params, opt_state, routing) of the newest checkpoint that reads back, or
     None. Unreadable ones, newest first, are reported through log(line) and moved aside.
     """
+    with quiet_abandoned_reads():
+      return self._restore_latest(params_like, opt_state_like, log, routing_like)
+
+  def _restore_latest(self, params_like, opt_state_like, log, routing_like):
     for step in sorted(self.all_steps(), reverse=True):
       try:
         params, opt_state, _, routing = self.restore(step, params_like, opt_state_like,
