@@ -91,7 +91,7 @@ def load_params(cfg, workdir: str, vocab_size: int):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from routed import step as step_lib  # pylint: disable=g-import-not-at-top
-  from routed.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from routed.checkpoint import Checkpointer, one_line, quiet_abandoned_reads  # pylint: disable=g-import-not-at-top
   from routed.model.transformer import build_model  # pylint: disable=g-import-not-at-top
   from routed.routing_state import init_state  # pylint: disable=g-import-not-at-top
   model = build_model(cfg, vocab_size, cfg.train.seed)
@@ -103,17 +103,17 @@ def load_params(cfg, workdir: str, vocab_size: int):
     if not steps:
       raise cli.UsageError(f'--workdir: {workdir} has no checkpoint yet')
     opt_like = jax.eval_shape(step_lib.optimizer_for(cfg, vocab_size).init, params)
-    for step in steps:
-      try:
-        restored, _, _, routing = ckpt.restore(step, params, opt_like, init_state(cfg))
-        break
-      except Exception as e:  # pylint: disable=broad-except
-        from routed.checkpoint import one_line  # pylint: disable=g-import-not-at-top
-        log(f'routed.sample: checkpoint {step} is unreadable ({one_line(e)}); trying the '
-            'one before')
-    else:
-      raise cli.UsageError(f'--workdir: no checkpoint in {workdir} reads back with its '
-                           'config.json (another model?)')
+    with quiet_abandoned_reads():
+      for step in steps:
+        try:
+          restored, _, _, routing = ckpt.restore(step, params, opt_like, init_state(cfg))
+          break
+        except Exception as e:  # pylint: disable=broad-except
+          log(f'routed.sample: checkpoint {step} is unreadable ({one_line(e)}); trying the '
+              'one before')
+      else:
+        raise cli.UsageError(f'--workdir: no checkpoint in {workdir} reads back with its '
+                             'config.json (another model?)')
   finally:
     ckpt.close()
   from routed.init_from import flatten  # pylint: disable=g-import-not-at-top

@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 
+import pytest
+
 from routed.train import main as train_main
 from test_train import read_metrics, tiny_args
 
@@ -41,6 +43,7 @@ def test_a_changed_shape_on_resume_is_refused_and_nothing_moves(mini_data_cfg, t
   assert snapshot(workdir) == before     # no checkpoint set aside, no file rewritten
 
 
+@pytest.mark.slow  # a training run or more: the full suite runs it
 def test_an_allowed_change_is_recorded_with_its_step(mini_data_cfg, tmp_path, capsys):
   workdir = str(tmp_path / 'run')
   base = {'train.steps': 10, 'checkpoint.every_steps': 5, 'eval.every_steps': 0}
@@ -62,6 +65,7 @@ def test_an_allowed_change_is_recorded_with_its_step(mini_data_cfg, tmp_path, ca
     assert json.load(f)['config_changes'][0]['step'] == 10
 
 
+@pytest.mark.slow  # a training run or more: the full suite runs it
 def test_a_torn_metrics_row_is_dropped_on_resume(mini_data_cfg, tmp_path, capsys):
   """What a kill during a write leaves: a half row at the end of metrics.jsonl."""
   workdir = str(tmp_path / 'run')
@@ -77,6 +81,7 @@ def test_a_torn_metrics_row_is_dropped_on_resume(mini_data_cfg, tmp_path, capsys
   assert [r['step'] for r in read_metrics(workdir)] == [5, 10, 15]
 
 
+@pytest.mark.slow  # a training run or more: the full suite runs it
 def test_a_second_trainer_on_a_workdir_is_refused(mini_data_cfg, tmp_path, capsys):
   """The first holds WORKDIR/.train.lock; the second exits 2 naming it, touching nothing."""
   import signal  # pylint: disable=g-import-not-at-top
@@ -122,6 +127,7 @@ def test_sample_refuses_a_nan_temperature(capsys):
     assert '--temperature: must be a finite number >= 0' in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a training run or more: the full suite runs it
 def test_sample_reports_non_finite_parameters_and_skips_an_unreadable_checkpoint(
     mini_data_cfg, tmp_path, capsys):
   """NaN weights: exit 1 naming the parameter. A truncated newest checkpoint: one line,

@@ -122,6 +122,7 @@ def test_a_run_config_missing_newer_keys_still_loads(tmp_path):
 NOISE = ('host bounds', 'TPU_WORKER_HOSTNAMES', 'InitGoogle', 'libtpu')
 
 
+@pytest.mark.slow  # a fresh process: the full suite runs it (and the AOT compile test)
 def test_no_libtpu_noise_from_a_cli_without_a_tpu(mode_run):
   """A CLI started as users start it (a fresh process, JAX_PLATFORMS unset) prints
   its own lines only: libtpu is installed here (the test extra) but has no TPU."""
