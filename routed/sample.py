@@ -22,7 +22,6 @@ Prints each prompt with its continuation on stdout, tokens/s on stderr.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -53,16 +52,15 @@ def log(message: str) -> None:
 
 def load_run_config(workdir: str):
   """The config a run was trained with (keys added since then take their defaults)."""
-  from routed.config import base_config  # pylint: disable=g-import-not-at-top
+  from routed.config_change import recorded  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise cli.UsageError(f'--workdir: {path} not found (not a routed.train workdir?)')
   with open(path) as f:
-    saved = json.load(f)
-  cfg = base_config()
+    text = f.read()
   try:
-    cfg.update(saved)
-  except (TypeError, KeyError, AttributeError) as e:
+    cfg, _ = recorded(text)   # the same reading routed.train resumes with
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
     raise cli.UsageError(f'--workdir: {path} does not read as a config: {e}') from None
   from routed.decode import sampling_config  # pylint: disable=g-import-not-at-top
   return sampling_config(cfg)

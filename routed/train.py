@@ -3,10 +3,11 @@
   python -m routed.train --config=configs/switch_base.py:tiny --workdir=runs/quickstart
 
 Running the same command again resumes from the last checkpoint in WORKDIR, and does
-nothing more if the run already finished; a resumed run must keep the settings it was
-trained with (routed/config_change.py: --allow_config_change=KEY,... to change others). Outputs in WORKDIR: config.json,
-metrics.jsonl, tensorboard/, checkpoints/<step>/. Several processes join one job with
---coordinator/--num_processes/--process_id (routed/distributed.py). Exit status: 0
+nothing more if the run already finished; a resumed run keeps the settings it was
+trained with (routed/config_change.py; --allow_config_change=KEY,... changes others).
+Outputs in WORKDIR: config.json, metrics.jsonl, tensorboard/, checkpoints/<step>/.
+Several processes join one job with --coordinator/--num_processes/--process_id
+(routed/distributed.py). Exit status: 0
 finished, or stopped by SIGTERM after saving a checkpoint; 1 a non-finite step
 (train.nonfinite=stop) or a checkpoint that could not be written; 2 bad input. Every
 failure is one line on stderr."""

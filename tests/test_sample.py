@@ -135,3 +135,10 @@ def test_no_libtpu_noise_from_a_cli_without_a_tpu(mode_run):
   assert done.returncode == 0, done.stderr
   assert not any(n in done.stderr for n in NOISE), done.stderr
   assert done.stderr.splitlines()[0].startswith('checkpoint step 6'), done.stderr
+
+
+def test_a_config_json_that_is_not_json_is_one_line(tmp_path, capsys):
+  (tmp_path / 'config.json').write_text('{"model": {"d_model": 12')
+  assert sample_main([f'--workdir={tmp_path}', '--prompt=x']) == 2
+  err = capsys.readouterr().err.strip()
+  assert '\n' not in err and 'does not read as a config' in err, err
